@@ -1,0 +1,308 @@
+"""retrieval/cache.py: MemoryCache, RedisCache (real redis-server), CachedRetriever."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+
+import pytest
+import redis
+
+from retrieval.bm25 import BM25Retriever
+from retrieval.cache import CachedRetriever, MemoryCache, RedisCache
+from retrieval.types import Cache, Passage, Retriever
+
+PEOPLE = [
+    {"id": f"p{i}", "title": name, "text": f"{name} is a {job} born in {city}."}
+    for i, (name, job, city) in enumerate(
+        [
+            ("Ada Lind", "painter", "Norvik"),
+            ("Borin Kask", "chemist", "Estermoor"),
+            ("Cira Moll", "sailor", "Quellstad"),
+            ("Dov Tarn", "architect", "Norvik"),
+            ("Elsa Quill", "composer", "Palm Harbor"),
+            ("Fenn Oort", "painter", "Estermoor"),
+        ]
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def bm25() -> BM25Retriever:
+    return BM25Retriever.build(PEOPLE)
+
+
+class CountingRetriever:
+    """Delegates to a real retriever and records every batch it is asked for."""
+
+    def __init__(self, inner: Retriever) -> None:
+        self.inner = inner
+        self.calls: list[list[str]] = []
+
+    async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        self.calls.append(list(queries))
+        return await self.inner.search(queries, k)
+
+
+class GatedRetriever(CountingRetriever):
+    """Holds every search at a gate until the test opens it, to make overlaps deterministic."""
+
+    def __init__(self, inner: Retriever) -> None:
+        super().__init__(inner)
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        self.calls.append(list(queries))
+        self.entered.set()
+        await self.gate.wait()
+        return await self.inner.search(queries, k)
+
+
+class FailingRetriever(CountingRetriever):
+    async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        self.calls.append(list(queries))
+        raise RuntimeError("backend down")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- MemoryCache -------------------------------------------------------------------------------
+
+
+def test_memory_cache_is_a_cache():
+    """Guards against: MemoryCache drifting from the Cache protocol."""
+    assert isinstance(MemoryCache(), Cache)
+    assert isinstance(RedisCache("redis://127.0.0.1:1/0"), Cache)
+
+
+def test_memory_cache_evicts_least_recently_used():
+    """Guards against: evicting by insertion order (FIFO), which drops hot entries first, or
+    growing without bound."""
+
+    async def main():
+        cache = MemoryCache(max_items=2)
+        await cache.set_many({"a": 1, "b": 2})
+        assert await cache.get_many(["a"]) == [1]  # "a" is now more recent than "b"
+        await cache.set_many({"c": 3})
+        assert await cache.get_many(["a", "b", "c"]) == [1, None, 3]
+        assert len(cache) == 2
+
+    asyncio.run(main())
+
+
+def test_memory_cache_ttl_expires_per_set():
+    """Guards against: TTL ignored, or one set's TTL applied to entries stored without one."""
+
+    async def main():
+        clock = FakeClock()
+        cache = MemoryCache(clock=clock)
+        await cache.set_many({"short": [1]}, ttl_s=10)
+        await cache.set_many({"forever": [2]})
+        clock.now += 9.9
+        assert await cache.get_many(["short", "forever"]) == [[1], [2]]
+        clock.now += 0.2
+        assert await cache.get_many(["short", "forever"]) == [None, [2]]
+        assert len(cache) == 1  # the expired entry is gone, not just hidden
+
+    asyncio.run(main())
+
+
+def test_non_positive_ttl_is_rejected():
+    """Guards against: ttl_s=0 meaning "forever" in one cache and "never" in the other."""
+    with pytest.raises(ValueError):
+        asyncio.run(MemoryCache().set_many({"a": 1}, ttl_s=0))
+    with pytest.raises(ValueError):
+        CachedRetriever(CountingRetriever(None), MemoryCache(), "ns", ttl_s=-1)
+
+
+# --- CachedRetriever ---------------------------------------------------------------------------
+
+
+def test_second_call_is_a_hit_and_skips_the_backend(bm25):
+    """Guards against: a cache that stores but never answers, or answers with altered passages."""
+
+    async def main():
+        inner = CountingRetriever(bm25)
+        cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
+        first = await cached.search(["Cira Moll"], 3)
+        second = await cached.search(["  cira   MOLL "], 3)  # same normalized query
+        assert first == second == await bm25.search(["cira moll"], 3)
+        assert first[0][0].id == "p2"
+        assert inner.calls == [["cira moll"]]
+        assert (cached.hits, cached.misses) == (1, 1)
+        await cached.search(["Cira Moll"], 2)  # k is part of the key
+        assert len(inner.calls) == 2
+
+    asyncio.run(main())
+
+
+def test_misses_only_are_searched_in_one_call_and_order_is_kept(bm25):
+    """Guards against: re-searching cached queries, one backend call per query, or results
+    landing on the wrong query when hits and misses interleave."""
+
+    async def main():
+        inner = CountingRetriever(bm25)
+        cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
+        await cached.search(["Dov Tarn"], 2)
+        results = await cached.search(["Ada Lind", "Dov Tarn", "Fenn Oort"], 2)
+        assert [r[0].id for r in results] == ["p0", "p3", "p5"]
+        assert inner.calls == [["dov tarn"], ["ada lind", "fenn oort"]]
+
+    asyncio.run(main())
+
+
+def test_duplicate_queries_in_a_batch_are_searched_once(bm25):
+    """Guards against: paying the backend twice for the same query within one batch."""
+
+    async def main():
+        inner = CountingRetriever(bm25)
+        cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
+        results = await cached.search(["Ada Lind", "Borin Kask", "ADA LIND", "ada lind"], 2)
+        assert [r[0].id for r in results] == ["p0", "p1", "p0", "p0"]
+        assert inner.calls == [["ada lind", "borin kask"]]
+        assert cached.misses == 2
+
+    asyncio.run(main())
+
+
+def test_concurrent_identical_misses_make_one_backend_call(bm25):
+    """Guards against: a thundering herd — N concurrent requests for an uncached query each
+    hitting the backend before the first result is stored (no single-flight)."""
+
+    async def main():
+        inner = GatedRetriever(bm25)
+        cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
+        # Tasks run in creation order: both look the query up before the gated search returns.
+        first = asyncio.create_task(cached.search(["Elsa Quill"], 2))
+        second = asyncio.create_task(cached.search(["elsa quill", "Ada Lind"], 2))
+        await inner.entered.wait()
+        inner.gate.set()
+        r1, r2 = await asyncio.gather(first, second)
+        assert r1[0][0].id == r2[0][0].id == "p4"
+        assert r2[1][0].id == "p0"
+        assert inner.calls == [["elsa quill"], ["ada lind"]]
+
+    asyncio.run(main())
+
+
+def test_cancelled_first_caller_does_not_strand_the_others(bm25):
+    """Guards against: a client disconnect cancelling the shared in-flight search, so requests
+    that joined it fail with CancelledError or hang forever."""
+
+    async def main():
+        inner = GatedRetriever(bm25)
+        cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
+        first = asyncio.create_task(cached.search(["Fenn Oort"], 2))
+        second = asyncio.create_task(cached.search(["Fenn Oort"], 2))
+        await inner.entered.wait()
+        first.cancel()
+        inner.gate.set()
+        [[top, *_]] = await second
+        assert top.id == "p5"
+        assert first.cancelled()
+        assert len(inner.calls) == 1
+
+    asyncio.run(main())
+
+
+def test_backend_error_reaches_every_waiter_and_is_not_cached():
+    """Guards against: a failed search poisoning the cache, or leaving its key in flight forever."""
+
+    async def main():
+        inner = FailingRetriever(None)
+        cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
+        results = await asyncio.gather(
+            cached.search(["Ada Lind"], 2), cached.search(["Ada Lind"], 2), return_exceptions=True
+        )
+        assert [str(r) for r in results] == ["backend down", "backend down"]
+        with pytest.raises(RuntimeError):
+            await cached.search(["Ada Lind"], 2)
+        assert len(inner.calls) == 2
+
+    asyncio.run(main())
+
+
+# --- RedisCache (real redis-server) ------------------------------------------------------------
+
+
+def test_redis_round_trip_stores_json(redis_url):
+    """Guards against: values that do not survive the trip, keys without our prefix, or values
+    stored in a non-JSON encoding (pickle) another replica or language cannot read."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    async def main():
+        cache = RedisCache(redis_url, prefix=prefix)
+        value = [{"id": "p1", "title": "Ada Lind", "text": "Ünïcode ok", "score": 1.25}]
+        await cache.set_many({"k1": value, "k2": {"n": 2}})
+        assert await cache.get_many(["k1", "missing", "k2"]) == [value, None, {"n": 2}]
+        assert cache.errors == 0
+        await cache.aclose()
+
+    asyncio.run(main())
+    with redis.Redis.from_url(redis_url) as client:
+        raw = client.get(prefix + "k1")
+    assert json.loads(raw)[0]["title"] == "Ada Lind"
+
+
+def test_redis_ttl_is_set(redis_url):
+    """Guards against: entries stored without expiry when a TTL was asked for (unbounded growth)."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+
+    async def main():
+        cache = RedisCache(redis_url, prefix=prefix)
+        await cache.set_many({"short": 1}, ttl_s=30)
+        await cache.set_many({"forever": 2})
+        await cache.aclose()
+
+    asyncio.run(main())
+    with redis.Redis.from_url(redis_url) as client:
+        assert 0 < client.ttl(prefix + "short") <= 30
+        assert client.ttl(prefix + "forever") == -1  # exists, no expiry
+
+
+def test_cached_retriever_over_redis(redis_url, bm25):
+    """Guards against: CachedRetriever and RedisCache disagreeing on the stored passage shape."""
+
+    async def main():
+        inner = CountingRetriever(bm25)
+        cache = RedisCache(redis_url, prefix=f"test:{uuid.uuid4().hex}:")
+        cached = CachedRetriever(inner, cache, namespace="fp:bm25", ttl_s=60)
+        first = await cached.search(["Borin Kask"], 3)
+        second = await cached.search(["Borin Kask"], 3)
+        assert first == second and first[0][0].id == "p1"
+        assert len(inner.calls) == 1
+        await cache.aclose()
+
+    asyncio.run(main())
+
+
+def test_dead_redis_means_misses_not_failures(bm25):
+    """Guards against: a Redis outage failing requests (exceptions) or stalling them in retries;
+    the cache must count the error, miss, and let retrieval go on."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+
+    async def main():
+        cache = RedisCache(f"redis://127.0.0.1:{dead_port}/0")
+        assert await cache.get_many(["a", "b"]) == [None, None]
+        await cache.set_many({"a": 1}, ttl_s=5)
+        assert cache.errors == 2
+        inner = CountingRetriever(bm25)
+        cached = CachedRetriever(inner, cache, namespace="fp:bm25")
+        [[top, *_]] = await cached.search(["Dov Tarn"], 2)
+        assert top.id == "p3"
+        await cached.drain()  # results are returned before the cache write finishes
+        assert cache.errors == 4  # one failed MGET, one failed SET pipeline
+        await cache.aclose()
+
+    asyncio.run(main())

@@ -1,0 +1,153 @@
+"""retrieval/index.py: build an index directory, load it back, refuse broken ones."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrieval.bm25 import BM25Retriever
+from retrieval.index import IndexLoadError, build_index, fingerprint, load_index
+
+REPO = Path(__file__).resolve().parents[2]
+PEOPLE = [
+    {"id": f"p{i}", "title": name, "text": f"{name} is a {job} born in {city}."}
+    for i, (name, job, city) in enumerate(
+        [
+            ("Ada Lind", "painter", "Norvik"),
+            ("Borin Kask", "chemist", "Estermoor"),
+            ("Cira Moll", "sailor", "Quellstad"),
+            ("Dov Tarn", "architect", "Norvik"),
+            ("Elsa Quill", "composer", "Palm Harbor"),
+            ("Fenn Oort", "painter", "Estermoor"),
+        ]
+    )
+]
+
+
+def write_corpus(path: Path, people=PEOPLE) -> Path:
+    path.write_text("".join(json.dumps(p) + "\n" for p in people), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def built(tmp_path) -> Path:
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    return build_index(corpus, tmp_path / "idx", show_progress=False)
+
+
+def assert_one_line_load_error(index_dir: Path, match: str) -> None:
+    with pytest.raises(IndexLoadError, match=match) as info:
+        load_index(index_dir)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(index_dir) in message
+
+
+def test_build_writes_manifest_and_loads(built, tmp_path):
+    """Guards against: a manifest missing the fields caches and /ready rely on, or an index that
+    loads but does not search."""
+    manifest = json.loads((built / "index.json").read_text())
+    assert manifest["kind"] == "bm25"
+    assert manifest["n_passages"] == 6
+    assert manifest["format_version"] == 1
+    assert manifest["params"]["k1"] == 1.5 and "tokenizer" in manifest["params"]
+    assert len(manifest["fingerprint"]) == 64 and len(manifest["corpus_sha256"]) == 64
+    assert fingerprint(built) == manifest["fingerprint"]
+    for name in BM25Retriever.FILES:
+        assert (built / name).is_file()
+    retriever = load_index(built)
+    [[top, *_]] = asyncio.run(retriever.search(["Elsa Quill"], 2))
+    assert top.id == "p4"
+
+
+def test_fingerprint_follows_corpus_and_params(tmp_path):
+    """Guards against: caches serving old results after the corpus or BM25 params changed, or
+    missing every entry after an identical rebuild."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    base = fingerprint(build_index(corpus, tmp_path / "a", show_progress=False))
+    assert fingerprint(build_index(corpus, tmp_path / "b", show_progress=False)) == base
+    assert fingerprint(build_index(corpus, tmp_path / "c", show_progress=False, k1=1.2)) != base
+    changed = write_corpus(tmp_path / "changed.jsonl", PEOPLE[:-1])
+    assert fingerprint(build_index(changed, tmp_path / "d", show_progress=False)) != base
+
+
+def test_build_is_reproducible_across_processes(tmp_path):
+    """Guards against: bm25s numbering its vocabulary by iterating a set, which makes every build
+    (string hashing is randomized per process) write different index files."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    code = (
+        "import sys; from retrieval.index import build_index; "
+        "build_index(sys.argv[1], sys.argv[2], show_progress=False)"
+    )
+    for seed, out in (("1", "x"), ("2", "y")):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run(
+            [sys.executable, "-c", code, str(corpus), str(tmp_path / out)],
+            cwd=REPO,
+            env=env,
+            check=True,
+        )
+    for name in ("vocab.index.json", "data.csc.index.npy", "indices.csc.index.npy"):
+        assert (tmp_path / "x" / name).read_bytes() == (tmp_path / "y" / name).read_bytes()
+
+
+def test_missing_directory(tmp_path):
+    """Guards against: a typo in --index surfacing as a FileNotFoundError traceback."""
+    assert_one_line_load_error(tmp_path / "nope", "no such directory")
+
+
+def test_directory_without_manifest(built):
+    """Guards against: loading a half-finished build (the manifest is written last)."""
+    (built / "index.json").unlink()
+    assert_one_line_load_error(built, "no index.json")
+
+
+def test_corrupt_manifest(built):
+    """Guards against: a JSONDecodeError (multi-line traceback) from a truncated index.json."""
+    (built / "index.json").write_text('{"kind": "bm25", "finger')
+    assert_one_line_load_error(built, "corrupt index.json")
+
+
+def test_manifest_with_wrong_field_type(built):
+    """Guards against: a KeyError/TypeError later on for a manifest that parses but is wrong."""
+    manifest = json.loads((built / "index.json").read_text())
+    manifest["n_passages"] = "six"
+    (built / "index.json").write_text(json.dumps(manifest))
+    assert_one_line_load_error(built, "'n_passages'")
+
+
+def test_missing_index_file(built):
+    """Guards against: a partially copied index directory loading as an empty index."""
+    (built / "vocab.index.json").unlink()
+    assert_one_line_load_error(built, "missing file.*vocab.index.json")
+
+
+def test_passages_file_shorter_than_matrix(built):
+    """Guards against: returning the wrong passage (or IndexError) for a document index once
+    passages.jsonl and the BM25 matrix disagree."""
+    lines = (built / "passages.jsonl").read_text().splitlines(keepends=True)
+    (built / "passages.jsonl").write_text("".join(lines[:-1]))
+    assert_one_line_load_error(built, "5 passages")
+
+
+def test_manifest_count_mismatch(built):
+    """Guards against: serving an index whose files were replaced after the manifest was written."""
+    manifest = json.loads((built / "index.json").read_text())
+    manifest["n_passages"] = 7
+    (built / "index.json").write_text(json.dumps(manifest))
+    assert_one_line_load_error(built, "says 7 passages")
+
+
+def test_rebuild_in_place_replaces_index(tmp_path):
+    """Guards against: a rebuild into an existing directory keeping the old manifest or passages."""
+    out = tmp_path / "idx"
+    build_index(write_corpus(tmp_path / "a.jsonl"), out, show_progress=False)
+    build_index(write_corpus(tmp_path / "b.jsonl", PEOPLE[:3]), out, show_progress=False)
+    assert json.loads((out / "index.json").read_text())["n_passages"] == 3
+    assert len(load_index(out)) == 3
