@@ -1,0 +1,1 @@
+"""Training: the synthetic world, data preparation and the training entry points."""
