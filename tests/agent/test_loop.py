@@ -1,0 +1,135 @@
+"""The controlled loop, driven by a ScriptedEngine over a real tokenizer and a real BM25 index."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent.engine import SamplingParams
+from agent.events import Answer, Documents, Finished, SearchStarted, Token
+from agent.loop import AgentLoop, Limits, RunParams
+from agent.scripted import ScriptedEngine
+from agent.tags import DEFAULT
+
+
+def run(loop: AgentLoop, question: str, params: RunParams = RunParams()) -> list:
+    async def collect() -> list:
+        return [e async for e in loop.run(loop.prompt_ids(question), params)]
+
+    return asyncio.run(collect())
+
+
+def script(tokenizer, *texts: str) -> list[list[int]]:
+    return [tokenizer.encode(t) for t in texts]
+
+
+ROUND1 = "<think> I need the birthplace of Gal Borin.</think><search> Gal Borin born</search>"
+ROUND2 = "<think> Gal Borin was born in Velmora.</think><answer> Velmora</answer>"
+
+
+def test_trajectory_is_sampled_plus_injected_ids_in_order(tokenizer, retriever):
+    """Guards against a trajectory whose completion ids or env_mask drift from what the engine
+    sampled and the loop injected (re-tokenization drift, mask misalignment)."""
+    segments = script(tokenizer, ROUND1, ROUND2)
+    engine = ScriptedEngine(tokenizer, segments)
+    events = run(AgentLoop(engine, retriever, DEFAULT), "Where was Gal Borin born?")
+    docs = [e for e in events if isinstance(e, Documents)]
+    traj = events[-1].trajectory
+    assert len(docs) == 1
+    assert traj.completion_ids == segments[0] + docs[0].ids + segments[1]
+    assert traj.env_mask == [1] * len(segments[0]) + [0] * len(docs[0].ids) + [1] * len(segments[1])
+    # the second round was sent exactly the token context, not a re-encoding of its text
+    assert engine.calls[1] == traj.prompt_ids + segments[0] + docs[0].ids
+    assert traj.answer == "Velmora"
+    assert events[-1].usage.completion_tokens == len(segments[0]) + len(segments[1])
+    assert events[-1].usage.retrieved_tokens == len(docs[0].ids)
+
+
+def test_events_carry_query_passages_and_answer_channels(tokenizer, retriever):
+    """Guards against the answer leaking into the reasoning channel (or tags into the answer)."""
+    engine = ScriptedEngine(tokenizer, script(tokenizer, ROUND1, ROUND2))
+    events = run(AgentLoop(engine, retriever, DEFAULT), "Where was Gal Borin born?")
+    started = [e for e in events if isinstance(e, SearchStarted)]
+    assert [e.query for e in started] == ["Gal Borin born"]
+    docs = next(e for e in events if isinstance(e, Documents))
+    assert docs.passages[0].id == "p1"
+    assert docs.text.startswith("<documents> (1) Gal Borin: Gal Borin is a painter.")
+    answer = "".join(e.text for e in events if isinstance(e, Token) and e.channel == "answer")
+    reasoning = "".join(e.text for e in events if isinstance(e, Token) and e.channel == "reasoning")
+    assert answer == "Velmora"
+    assert "<answer>" not in reasoning and "Velmora</answer>" not in reasoning
+    assert "<search> Gal Borin born</search>" in reasoning
+    assert [e.text for e in events if isinstance(e, Answer)] == ["Velmora"]
+    assert isinstance(events[-1], Finished) and events[-1].reason == "stop"
+
+
+def test_tags_inside_retrieved_text_are_escaped(tokenizer, retriever):
+    """Guards against a corpus forging structure: a passage containing '<answer>' must not put
+    an answer tag token into the context."""
+    engine = ScriptedEngine(
+        tokenizer, script(tokenizer, "<search> Tam Osker baker</search>", "<answer> Drell</answer>")
+    )
+    events = run(AgentLoop(engine, retriever, DEFAULT), "Where was Tam Osker born?")
+    docs = next(e for e in events if isinstance(e, Documents))
+    assert docs.passages[0].id == "p3"
+    special = {tokenizer.token_id(t) for t in DEFAULT.tags}
+    injected_special = [i for i in docs.ids if i in special]
+    assert injected_special == [
+        tokenizer.token_id("<documents>"),
+        tokenizer.token_id("</documents>"),
+    ]
+    assert "‹answer›" in docs.text
+
+
+def test_search_budget_injects_notice_without_retrieving(tokenizer, retriever):
+    """Guards against a model searching forever: past max_searches the loop must stop
+    retrieving and tell the model to answer."""
+    engine = ScriptedEngine(
+        tokenizer,
+        script(tokenizer, "<search> Gal Borin</search>", "<search> Velmora</search>", ROUND2),
+    )
+    loop = AgentLoop(engine, retriever, DEFAULT, Limits(max_searches=1))
+    events = run(loop, "Where was Gal Borin born?")
+    docs = [e for e in events if isinstance(e, Documents)]
+    assert [d.error for d in docs] == [None, "search budget spent; answer with what you have"]
+    assert docs[1].passages == []
+    assert events[-1].usage.searches == 1
+    assert events[-1].trajectory.answer == "Velmora"
+
+
+def test_empty_query_gets_error_document(tokenizer, retriever):
+    """Guards against sending an empty query to the retriever."""
+    engine = ScriptedEngine(tokenizer, script(tokenizer, "<search> </search>", ROUND2))
+    events = run(AgentLoop(engine, retriever, DEFAULT), "Where was Gal Borin born?")
+    docs = next(e for e in events if isinstance(e, Documents))
+    assert docs.error == "empty query" and docs.passages == []
+    assert events[-1].usage.searches == 0
+
+
+def test_model_written_documents_tag_is_not_evidence(tokenizer, retriever):
+    """Guards against trusting documents the model hallucinated: writing the documents-open
+    tag ends the run with a format error instead of continuing from fake evidence."""
+    engine = ScriptedEngine(
+        tokenizer, script(tokenizer, "<think> hm</think><documents> fake", ROUND2)
+    )
+    events = run(AgentLoop(engine, retriever, DEFAULT), "Where was Gal Borin born?")
+    traj = events[-1].trajectory
+    assert traj.error is not None and "documents tag" in traj.error
+    assert len(engine.calls) == 1
+    assert not any(isinstance(e, Documents) for e in events)
+
+
+def test_max_tokens_limit_finishes_with_length(tokenizer, retriever):
+    """Guards against runaway generation: the per-request token budget ends the run."""
+    engine = ScriptedEngine(tokenizer, script(tokenizer, ROUND1, ROUND2))
+    params = RunParams(SamplingParams(), max_tokens=5)
+    events = run(AgentLoop(engine, retriever, DEFAULT), "Where was Gal Borin born?", params)
+    assert events[-1].reason == "length"
+    assert events[-1].usage.completion_tokens == 5
+
+
+def test_request_cannot_exceed_server_maxima():
+    """Guards against a request raising its own limits above the server's."""
+    limits = Limits(max_searches=2, max_tokens=100, top_k=3)
+    p = RunParams(max_searches=50, max_tokens=10_000, top_k=99).clamp(limits)
+    assert (p.max_searches, p.max_tokens, p.top_k) == (2, 100, 3)
+    assert RunParams().clamp(limits).max_tokens == 100
