@@ -1,0 +1,1 @@
+"""The OpenAI-compatible FastAPI service and the `searchagent` command line."""

@@ -1,0 +1,56 @@
+"""HTTP routes: parse, call one handler, return. Errors are raised, never built here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service import chat
+from service.chat import ChatContext
+from service.errors import UnavailableError
+from service.metrics import Metrics
+from service.protocol import ChatCompletionRequest, ModelCard, ModelList, now
+
+router = APIRouter()
+
+
+def _chat(request: Request) -> ChatContext:
+    if not getattr(request.app.state, "ready", False):
+        raise UnavailableError("the model is still loading")
+    return request.app.state.chat
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+ChatDep = Annotated[ChatContext, Depends(_chat)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(req: ChatCompletionRequest, ctx: ChatDep) -> Response:
+    if req.stream:
+        prompt_ids, params = chat.prepare(ctx, req)  # errors before the first byte are HTTP errors
+        frames = chat.stream(ctx, req, prompt_ids, params)
+        return StreamingResponse(frames, media_type="text/event-stream")
+    response = await chat.complete(ctx, req)
+    return JSONResponse(response.model_dump())
+
+
+@router.get("/v1/models")
+async def models(ctx: ChatDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=ctx.model_id, created=now())])
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/metrics")
+async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

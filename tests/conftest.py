@@ -1,0 +1,149 @@
+"""Shared fixtures: a real `redis-server` on a free port for the whole session."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(name="free_port", scope="session")
+def free_port_fixture():
+    """`free_port` as a fixture, for test modules (they cannot import conftest by name)."""
+    return free_port
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """`redis://127.0.0.1:<port>/0` of a throwaway redis-server (no persistence)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    with subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 10
+            while not _pings(port):
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"redis-server exited early: {err}")
+                if time.monotonic() > deadline:
+                    pytest.fail("redis-server did not answer PING within 10 s")
+                time.sleep(0.02)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# -- a tiny world, its index, and a checkpoint trained by the suite itself ---------------------
+
+SMALL_WORLD = dict(
+    n_people=80, n_cities=20, n_countries=5, n_organizations=15, n_works=20,
+    n_famous_people=2, n_famous_cities=1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small generated world (corpus + question splits) on disk."""
+    from training.world import WorldConfig, build_world
+
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, seed=7, config=WorldConfig(seed=7, **SMALL_WORLD))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_index(small_world, tmp_path_factory):
+    from retrieval.index import build_index
+
+    return build_index(small_world / "corpus.jsonl", tmp_path_factory.mktemp("index"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-layer policy trained for seconds on oracle trajectories from two small worlds: enough
+    to learn the think/search/answer format, not to be accurate."""
+    from training.model import TINY_TEST
+    from training.sft import SFTConfig, run_sft
+    from training.world import WorldConfig
+
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = SFTConfig(
+        out=out,
+        world_seeds=(101, 102),
+        world=WorldConfig(**SMALL_WORLD),
+        per_world=120,
+        size=TINY_TEST,
+        copy_steps=0,
+        steps=150,
+        batch_size=8,
+        lr=5e-3,
+    )
+    run_sft(cfg)
+    return out
+
+
+def start_uvicorn(app, port: int):
+    """Run `app` under a real uvicorn in a background thread; returns (server, thread)."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive():
+            pytest.fail("uvicorn exited during start-up")
+        if time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start within 60 s")
+        time.sleep(0.05)
+    return server, thread
+
+
+@pytest.fixture(scope="session")
+def service(tiny_checkpoint, small_index):
+    """A real uvicorn serving the tiny checkpoint; yields (base_url, app)."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    port = free_port()
+    settings = Settings(
+        model=tiny_checkpoint, index=small_index, served_model_name="tiny", port=port,
+        max_tokens=160,
+    )  # fmt: skip
+    app = create_app(settings)
+    server, thread = start_uvicorn(app, port)
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(timeout=10)
