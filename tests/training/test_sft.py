@@ -1,0 +1,56 @@
+"""SFT data: oracle trajectories through the real loop, and TRL's labels masking documents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from agent.tags import DEFAULT
+from agent.tokenizer import Tokenizer
+from retrieval.index import load_index
+from training.oracle import oracle_trajectory
+
+
+def test_document_tokens_get_no_sft_label(tiny_checkpoint, small_world, small_index):
+    """Guards against training on injected evidence: in the dataset TRL's SFTTrainer builds,
+    every token the loop injected has label -100 and every sampled token keeps its id."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    tok = Tokenizer.from_dir(tiny_checkpoint, DEFAULT.eos, DEFAULT.bos)
+    question = json.loads((small_world / "train.jsonl").read_text().splitlines()[0])
+    traj = asyncio.run(oracle_trajectory(question, tok, load_index(small_index), DEFAULT, 3))
+    assert traj is not None and 0 in traj.env_mask
+    row = {
+        "input_ids": traj.prompt_ids + traj.completion_ids,
+        "assistant_masks": [0] * len(traj.prompt_ids) + traj.env_mask,
+    }
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint)),
+        args=SFTConfig(
+            output_dir=str(tiny_checkpoint / ".t"), report_to="none", use_cpu=True, max_length=None
+        ),  # fmt: skip
+        train_dataset=Dataset.from_list([row]),
+        processing_class=PreTrainedTokenizerFast.from_pretrained(str(tiny_checkpoint)),
+    )
+    labels = trainer.train_dataset[0]["labels"]
+    for token, keep, label in zip(row["input_ids"], row["assistant_masks"], labels, strict=True):
+        assert label == (token if keep else -100)
+
+
+def test_oracle_answers_only_from_retrieved_evidence(tiny_checkpoint, small_world, small_index):
+    """Guards against oracle trajectories that answer although retrieval missed the fact."""
+    tok = Tokenizer.from_dir(tiny_checkpoint, DEFAULT.eos, DEFAULT.bos)
+    retriever = load_index(small_index)
+    questions = [json.loads(x) for x in (small_world / "train.jsonl").read_text().splitlines()]
+    kept = 0
+    for q in questions[:40]:
+        traj = asyncio.run(oracle_trajectory(q, tok, retriever, DEFAULT, 3))
+        if traj is None:
+            continue
+        kept += 1
+        for step, search in zip(q["chain"], traj.searches, strict=True):
+            assert any(str(step["value"]) in f"{p.title} {p.text}" for p in search.passages)
+        assert traj.answer == q["answer"]
+    assert kept >= 30

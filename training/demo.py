@@ -1,0 +1,34 @@
+"""Build the demo artifacts that `make serve` needs, skipping whatever already exists.
+
+artifacts/demo/world/   the demo world (seed 0): corpus.jsonl, train/dev/test.jsonl, world.json
+artifacts/demo/world2/  a second world (seed 1, unseen names) for the generalization test
+artifacts/demo/index/   BM25 index over world/corpus.jsonl
+artifacts/demo/sft/     the SFT checkpoint (committed; retrained only when missing)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DEMO_SEED, SECOND_SEED = 0, 1
+
+
+def build_demo(out: Path) -> None:
+    from retrieval.index import build_index
+    from training.world import build_world
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, seed in (("world", DEMO_SEED), ("world2", SECOND_SEED)):
+        if not (out / name / "test.jsonl").is_file():
+            print(f"building {out / name} (seed {seed})")
+            build_world(out / name, seed)
+    if not (out / "index" / "index.json").is_file():
+        print(f"building {out / 'index'}")
+        build_index(out / "world" / "corpus.jsonl", out / "index")
+    if not (out / "sft" / "config.json").is_file():
+        from training.sft import SFTConfig, run_sft
+
+        print(f"training {out / 'sft'} (no committed checkpoint found)")
+        (out / "sft").mkdir(parents=True, exist_ok=True)
+        run_sft(SFTConfig(out=out / "sft"))
+    print(f"demo artifacts ready in {out}")

@@ -1,0 +1,37 @@
+"""The demo policy: a tiny Llama-style causal LM created from config (no pretrained weights)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 1024
+    max_positions: int = 2048
+
+
+TINY_TEST = ModelSize(hidden=64, layers=2, heads=2, intermediate=176, max_positions=2048)
+
+
+def create_model(vocab_size: int, size: ModelSize, pad_id: int, bos_id: int, eos_id: int):
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=size.max_positions,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
+    return LlamaForCausalLM(config)
