@@ -1,0 +1,33 @@
+# searchagent — see README.md. `make serve` and `make test` are the two entry points.
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= artifacts/demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install demo serve test lint train-sft clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	touch $@
+
+demo: install
+	$(BIN)/searchagent demo build --out $(DEMO)
+
+serve: demo
+	$(BIN)/searchagent serve --model $(DEMO)/sft --index $(DEMO)/index \
+		--served-model-name searchagent-demo --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+train-sft: install
+	$(BIN)/searchagent train sft --out $(DEMO)/sft
+
+clean-demo:
+	rm -rf $(DEMO)/world $(DEMO)/world2 $(DEMO)/index
