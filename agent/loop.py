@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from agent.channels import ChannelSplitter
@@ -108,18 +109,20 @@ class AgentLoop:
             segment: list[int] = []
             stop_token: int | None = None
             context = traj.prompt_ids + traj.completion_ids
-            async for chunk in self.engine.generate(context, sampling, self._stop):
-                segment += chunk.ids
-                traj.completion_ids += chunk.ids
-                traj.env_mask += [1] * len(chunk.ids)
-                usage.completion_tokens += len(chunk.ids)
-                ids = chunk.ids
-                for channel, text in splitter.push(detok.push(chunk.ids)):
-                    yield Token(text, ids, channel)
-                    ids = []  # the ids go with the first piece of text they produced
-                if chunk.finish_reason is not None:
-                    reason = chunk.finish_reason
-                    stop_token = chunk.stop_token
+            stream = self.engine.generate(context, sampling, self._stop)
+            async with aclosing(stream):  # cancelling the run aborts the engine work at once
+                async for chunk in stream:
+                    segment += chunk.ids
+                    traj.completion_ids += chunk.ids
+                    traj.env_mask += [1] * len(chunk.ids)
+                    usage.completion_tokens += len(chunk.ids)
+                    ids = chunk.ids
+                    for channel, text in splitter.push(detok.push(chunk.ids)):
+                        yield Token(text, ids, channel)
+                        ids = []  # the ids go with the first piece of text they produced
+                    if chunk.finish_reason is not None:
+                        reason = chunk.finish_reason
+                        stop_token = chunk.stop_token
             if reason == "length" or stop_token != self._search_close:
                 if stop_token == self._docs_open:
                     traj.error = "the model wrote a documents tag itself; its text is not evidence"
@@ -165,6 +168,8 @@ class AgentLoop:
                     passages = (await self.retriever.search([query], p.top_k))[0]
             except TimeoutError:
                 error = "retrieval timed out"
+            if not passages and error is None:
+                error = "no results"
         traj.searches.append(SearchRecord(query, passages, error))
         body = f" {error}" if error else self.fmt.render_documents(passages)
         ids = [self._docs_open, *self._tok.encode(body), self._docs_close]

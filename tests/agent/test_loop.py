@@ -133,3 +133,12 @@ def test_request_cannot_exceed_server_maxima():
     p = RunParams(max_searches=50, max_tokens=10_000, top_k=99).clamp(limits)
     assert (p.max_searches, p.max_tokens, p.top_k) == (2, 100, 3)
     assert RunParams().clamp(limits).max_tokens == 100
+
+
+def test_search_without_hits_says_so(tokenizer, retriever):
+    """Guards against an empty documents block the model cannot tell from a formatting glitch."""
+    engine = ScriptedEngine(tokenizer, script(tokenizer, "<search> zzzz qqqq</search>", ROUND2))
+    events = run(AgentLoop(engine, retriever, DEFAULT), "Where was Gal Borin born?")
+    docs = next(e for e in events if isinstance(e, Documents))
+    assert docs.error == "no results" and docs.text == "<documents> no results</documents>"
+    assert events[-1].usage.searches == 1
