@@ -1,4 +1,4 @@
-"""`create_app(settings)`: builds the FastAPI app; the lifespan loads the model and the index.
+"""`create_app(settings)`: loads the model and the index and builds the FastAPI app.
 
 Everything the routes need lives on `app.state` (settings, chat context, metrics); nothing is
 global, so tests can run several apps in one process.
@@ -27,9 +27,11 @@ log = logging.getLogger("searchagent.service")
 
 
 def create_app(settings: Settings) -> FastAPI:
+    """Loads the checkpoint and the index now, so a bad path fails here, before serving."""
+    metrics = Metrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.chat = _load(settings, app.state.metrics)
         app.state.ready = True
         log.info("serving %s on %s:%s", settings.model_id, settings.host, settings.port)
         yield
@@ -37,12 +39,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="searchagent", lifespan=lifespan)
     app.state.settings = settings
-    app.state.metrics = Metrics()
+    app.state.metrics = metrics
+    app.state.chat = _load(settings, metrics)
     app.state.ready = False
     install_handlers(app)
     app.include_router(router)
     paths = frozenset(getattr(r, "path", "") for r in router.routes)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, routes=paths)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
     return app
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from agent.engine import SamplingParams
@@ -116,8 +117,9 @@ async def complete(ctx: ChatContext, req: ChatCompletionRequest) -> ChatCompleti
     state = RunState()
     ctx.metrics.running.inc()
     try:
-        async for event in ctx.loop.run(prompt_ids, params):
-            state.add(event)
+        async with aclosing(ctx.loop.run(prompt_ids, params)) as events:
+            async for event in events:
+                state.add(event)
     finally:
         ctx.metrics.running.dec()
     assert state.finished is not None
@@ -157,15 +159,16 @@ async def stream(
     ctx.metrics.running.inc()
     try:
         yield frame([StreamChoice(index=0, delta=Delta(role="assistant", content=""))])
-        async for event in ctx.loop.run(prompt_ids, params):
-            if isinstance(event, SearchStarted):
-                yield ": searching\n\n"  # SSE comment: keeps proxies and clients waiting
-            delta = state.add(event)
-            if delta is not None:
-                if first_token:
-                    ctx.metrics.ttft.observe(time.perf_counter() - start)
-                    first_token = False
-                yield frame([StreamChoice(index=0, delta=delta)])
+        async with aclosing(ctx.loop.run(prompt_ids, params)) as events:
+            async for event in events:
+                if isinstance(event, SearchStarted):
+                    yield ": searching\n\n"  # SSE comment: keeps proxies and clients waiting
+                delta = state.add(event)
+                if delta is not None:
+                    if first_token:
+                        ctx.metrics.ttft.observe(time.perf_counter() - start)
+                        first_token = False
+                    yield frame([StreamChoice(index=0, delta=delta)])
         assert state.finished is not None
         _count(ctx.metrics, state)
         final = StreamChoice(index=0, delta=Delta(), finish_reason=state.finished.reason)

@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
     from pydantic import ValidationError
 
+    from retrieval.index import IndexLoadError
     from service.app import create_app
     from service.settings import Settings
 
@@ -45,7 +46,11 @@ def _serve(args: argparse.Namespace) -> None:
     except ValidationError as exc:
         err = exc.errors()[0]
         raise SystemExit(f"searchagent: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    try:
+        app = create_app(settings)
+    except (IndexLoadError, OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"searchagent: cannot start: {exc}") from None
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 
 def _index_build(args: argparse.Namespace) -> None:
@@ -86,7 +91,8 @@ def _train_sft(args: argparse.Namespace) -> None:
 
     cfg = SFTConfig(
         out=args.out,
-        world_seeds=tuple(range(1000, 1000 + args.worlds)),
+        init=args.init,
+        world_seeds=tuple(range(args.first_world, args.first_world + args.worlds)),
         per_world=args.per_world,
         steps=args.steps,
         copy_steps=args.copy_steps,
@@ -143,7 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="training").add_subparsers(dest="stage", required=True)
     sft = t.add_parser("sft", help="SFT cold start on oracle trajectories")
     sft.add_argument("--out", type=Path, required=True)
+    sft.add_argument("--init", type=Path, help="continue from this checkpoint")
     sft.add_argument("--worlds", type=int, default=40)
+    sft.add_argument("--first-world", type=int, default=1000, help="seed of the first world")
     sft.add_argument("--per-world", type=int, default=300)
     sft.add_argument("--steps", type=int, default=600)
     sft.add_argument("--copy-steps", type=int, default=300)

@@ -106,12 +106,17 @@ class _CacheCollector(Collector):
         self._cached = cached
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        for name, attr, doc in (
-            ("searchagent_cache_hits", "hits", "Retrieval cache hits."),
-            ("searchagent_cache_misses", "misses", "Retrieval cache misses."),
+        cached = self._cached
+        errors = getattr(cached, "cache_errors", 0) + getattr(
+            getattr(cached, "cache", None), "errors", 0
+        )
+        for name, value, doc in (
+            ("searchagent_cache_hits", getattr(cached, "hits", 0), "Retrieval cache hits."),
+            ("searchagent_cache_misses", getattr(cached, "misses", 0), "Retrieval cache misses."),
+            ("searchagent_cache_errors", errors, "Cache operations that failed and were bypassed."),
         ):
             family = CounterMetricFamily(name, doc)
-            family.add_metric([], float(getattr(self._cached, attr, 0)))
+            family.add_metric([], float(value))
             yield family
 
 

@@ -90,3 +90,18 @@ def test_eval_cli_prints_one_json_report(tiny_checkpoint, small_index, small_wor
         assert 0.0 <= report[key] <= 1.0
     assert report["avg_searches"] >= 0
     assert sum(t["n"] for t in report["by_type"].values()) == 6
+
+
+def test_serve_rejects_a_corrupt_index_with_one_line(tmp_path, tiny_checkpoint, small_index):
+    """Guards against a traceback (or a server that starts and fails later) on a broken index."""
+    import shutil
+
+    broken = tmp_path / "index"
+    shutil.copytree(small_index, broken)
+    (broken / "index.json").write_text("{not json")
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_checkpoint),
+           "--index", str(broken)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("searchagent: cannot start:")

@@ -152,6 +152,7 @@ def test_health_and_metrics(base_url, client):
         "searchagent_generation_tokens_total",
         "searchagent_cache_hits_total",
         "searchagent_cache_misses_total",
+        "searchagent_cache_errors_total",
         "searchagent_requests_running",
     ):
         assert name in text
