@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ TYPE_MIX = {"1hop": 0.45, "2hop": 0.35, "comparison": 0.20}
 @dataclass(frozen=True)
 class SFTConfig:
     out: Path
+    init: Path | None = None  # continue from this checkpoint (its tokenizer, no warm-up)
     world_seeds: tuple[int, ...] = tuple(range(1000, 1040))
     world: WorldConfig = field(default_factory=WorldConfig)
     per_world: int = 300  # trajectories per world
@@ -70,24 +72,29 @@ def run_sft(cfg: SFTConfig) -> dict:
         corpus = render_corpus(world)
         train = split_questions(make_questions(world), seed)["train"]
         worlds.append((corpus, train))
-    # 2. tokenizer -----------------------------------------------------------------------
-    texts = _tokenizer_texts(worlds[:8])
-    hf_tok = train_tokenizer(texts, cfg.vocab_size)
-    save_tokenizer(hf_tok, cfg.out)
+    # 2. tokenizer (trained, or the initial checkpoint's) -----------------------------------
+    if cfg.init is None:
+        save_tokenizer(train_tokenizer(_tokenizer_texts(worlds[:8]), cfg.vocab_size), cfg.out)
+    elif cfg.init.resolve() != cfg.out.resolve():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(cfg.init / name, cfg.out / name)
     tokenizer = Tokenizer.from_dir(cfg.out, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
     # 3. oracle trajectories -------------------------------------------------------------
     rows = asyncio.run(_trajectories(worlds, tokenizer, cfg))
     # 4–5. warm-up then SFT ----------------------------------------------------------------
-    model = create_model(
-        tokenizer.vocab_size,
-        cfg.size,
-        tokenizer.token_id("<|pad|>"),
-        tokenizer.bos_id or 0,
-        tokenizer.eos_id,
-    )
-    copy_rows = _copy_rows(tokenizer, cfg.copy_steps * cfg.batch_size, cfg.seed)
-    if cfg.copy_steps:
-        _train(model, tokenizer, copy_rows, cfg, cfg.copy_steps, "copy warm-up")
+    if cfg.init is None:
+        model = create_model(
+            tokenizer.vocab_size,
+            cfg.size,
+            tokenizer.token_id("<|pad|>"),
+            tokenizer.bos_id or 0,
+            tokenizer.eos_id,
+        )
+        if cfg.copy_steps:
+            copy_rows = _copy_rows(tokenizer, cfg.copy_steps * cfg.batch_size, cfg.seed)
+            _train(model, tokenizer, copy_rows, cfg, cfg.copy_steps, "copy warm-up")
+    else:
+        model = _load_model(cfg.init)
     losses = _train(model, tokenizer, rows, cfg, cfg.steps, "sft")
     # 6. export ----------------------------------------------------------------------------
     export_checkpoint(model, cfg.out)
@@ -108,6 +115,13 @@ def export_checkpoint(model, out: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
     model.to(torch.float32)
     write_agent_json(out, DEFAULT)
+
+
+def _load_model(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
 
 
 def _with_seed(config: WorldConfig, seed: int) -> WorldConfig:
@@ -197,7 +211,7 @@ def _train(model, tokenizer: Tokenizer, rows: list[dict], cfg: SFTConfig, steps:
         save_strategy="no",
         report_to="none",
         bf16=cfg.bf16,
-        use_cpu=True,
+        use_cpu=not _cuda(),
         gradient_checkpointing=False,
         max_length=None,
         dataloader_num_workers=0,
@@ -212,6 +226,12 @@ def _train(model, tokenizer: Tokenizer, rows: list[dict], cfg: SFTConfig, steps:
     )
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _jsonable(value):
