@@ -1,6 +1,6 @@
-"""Index directories: build one from a corpus file, load one back as a `Retriever`.
+"""Index directories: build one from a corpus file, load it back as a `Retriever`.
 
-Layout of an index directory (kind "bm25"):
+Three kinds. "bm25" (the default):
 
     index.json               manifest, written last (a directory without it is an unfinished build)
     passages.jsonl           the passages, in index order: {"id", "title", "text"}
@@ -10,8 +10,17 @@ Layout of an index directory (kind "bm25"):
     indices.csc.index.npy
     indptr.csc.index.npy
 
+"dense": `index.json`, `passages.jsonl`, and `faiss.index` (FAISS inner-product index holding the
+passage embeddings). "hybrid": `index.json` over two sub-indexes without manifests of their own,
+`bm25/` (the bm25 files) and `dense/` (the dense files).
+
 The manifest's `fingerprint` = sha256(corpus bytes + kind + params) names the index's content:
 caches key on it, so rebuilding from a changed corpus or with other params never serves stale hits.
+For dense and hybrid indexes the params record the FAISS index (kind, m/ef or nlist/nprobe) and the
+encoder: its directory name, the sha256 of its config.json, prefixes, max_length, pooling and
+dimension. Where the encoder lives (`encoder_path`) is recorded beside the params, outside the
+fingerprint: moving a virtualenv does not change what an index returns. `load_index` wraps the
+dense part in a `BatchingRetriever`, so concurrent queries share one encoder/FAISS call.
 """
 
 from __future__ import annotations
@@ -19,21 +28,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from retrieval.batching import BatchingRetriever
 from retrieval.bm25 import BM25Retriever
-from retrieval.corpus import iter_corpus
+from retrieval.corpus import iter_corpus, read_corpus
+from retrieval.hybrid import HybridRetriever
 from retrieval.types import Retriever
+
+if TYPE_CHECKING:  # faiss and torch only when a dense index is built or loaded
+    from retrieval.dense import DenseRetriever
+    from retrieval.encoder import Encoder
 
 MANIFEST = "index.json"
 FORMAT_VERSION = 1
-
-# kind -> backend class. A backend offers: build(passages, *, show_progress, **params) -> instance,
-# load(dir), save(dir), params, __len__, FILES. Dense/FAISS registers here later.
-_BACKENDS: dict[str, type[BM25Retriever]] = {"bm25": BM25Retriever}
-
+KINDS = ("bm25", "dense", "hybrid")
+_BM25_PARAMS = frozenset({"k1", "b"})
+_FUSION_PARAMS = frozenset({"k_rrf", "depth"})
+_ENCODER_FIELDS: dict[str, type] = {
+    "name": str,
+    "config_sha256": str,
+    "query_prefix": str,
+    "passage_prefix": str,
+    "max_length": int,
+    "dim": int,
+}
 _MANIFEST_FIELDS: dict[str, type] = {
     "kind": str,
     "fingerprint": str,
@@ -42,6 +64,7 @@ _MANIFEST_FIELDS: dict[str, type] = {
     "params": dict,
     "format_version": int,
 }
+_T = TypeVar("_T")
 
 
 class IndexLoadError(Exception):
@@ -54,24 +77,61 @@ def build_index(
     kind: str = "bm25",
     *,
     show_progress: bool = True,
+    encoder_path: str | PathLike[str] | None = None,
+    faiss_kind: str = "flat",
+    query_prefix: str = "",
+    passage_prefix: str = "",
     **params: Any,
 ) -> Path:
-    """Index `corpus_path` into `out_dir` (created; an old manifest there is removed first)."""
-    if kind not in _BACKENDS:
-        raise ValueError(f"unknown index kind {kind!r}; known: {sorted(_BACKENDS)}")
+    """Index `corpus_path` into `out_dir` (created; an old manifest there is removed first).
+
+    `params` go to the backends: k1/b to BM25, k_rrf/depth to the fusion of a hybrid index, the
+    rest (m, ef_construction, ef_search, nlist, nprobe) to `DenseRetriever.build`. The encoder
+    defaults to the bundled all-MiniLM-L6-v2 (`retrieval.encoder.default_encoder_path`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; known: {list(KINDS)}")
+    dense_only = encoder_path is not None or query_prefix or passage_prefix or faiss_kind != "flat"
+    if kind == "bm25" and dense_only:
+        raise ValueError("encoder_path, faiss_kind and prefixes apply to dense and hybrid indexes")
     corpus_path, out_dir = Path(corpus_path), Path(out_dir)
-    backend = _BACKENDS[kind].build(iter_corpus(corpus_path), show_progress=show_progress, **params)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # no manifest until every file is consistent
-    backend.save(out_dir)
-    corpus_sha256, fp = _hashes(corpus_path, kind, backend.params)
+    extra: dict[str, Any] = {}
+    if kind == "bm25":
+        bm25 = BM25Retriever.build(iter_corpus(corpus_path), show_progress=show_progress, **params)
+        bm25.save(out_dir)
+        n_passages, index_params = len(bm25), bm25.params
+    else:
+        from retrieval.dense import DenseRetriever
+        from retrieval.encoder import Encoder, default_encoder_path
+
+        path = Path(encoder_path) if encoder_path is not None else default_encoder_path()
+        encoder = Encoder(path, query_prefix=query_prefix, passage_prefix=passage_prefix)
+        passages = read_corpus(corpus_path)
+        split = _split_params(kind, params)
+        dense = DenseRetriever.build(
+            passages, encoder, faiss_kind, show_progress=show_progress, **split["dense"]
+        )
+        n_passages, index_params = len(dense), dense.params
+        if kind == "dense":
+            dense.save(out_dir)
+        else:
+            bm25 = BM25Retriever.build(passages, show_progress=show_progress, **split["bm25"])
+            fusion = HybridRetriever(bm25, dense, **split["fusion"]).params
+            bm25.save(out_dir / "bm25")
+            dense.save(out_dir / "dense")
+            index_params = {"bm25": bm25.params, "dense": dense.params, "fusion": fusion}
+        extra["encoder_path"] = str(path.resolve())
+    corpus_sha256, fp = _hashes(corpus_path, kind, index_params)
     manifest = {
         "kind": kind,
         "fingerprint": fp,
         "corpus_sha256": corpus_sha256,
-        "n_passages": len(backend),
-        "params": backend.params,
+        "n_passages": n_passages,
+        "params": index_params,
         "format_version": FORMAT_VERSION,
+        **extra,
     }
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -79,27 +139,154 @@ def build_index(
     return out_dir
 
 
-def load_index(index_dir: str | PathLike[str]) -> Retriever:
-    """The retriever stored in `index_dir`, checked against its manifest; else `IndexLoadError`."""
+def _split_params(kind: str, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route build params: BM25's and the fusion's by name (hybrid only), the rest to FAISS."""
+    split: dict[str, dict[str, Any]] = {"bm25": {}, "fusion": {}, "dense": {}}
+    for name, value in params.items():
+        if kind == "hybrid" and name in _BM25_PARAMS:
+            split["bm25"][name] = value
+        elif kind == "hybrid" and name in _FUSION_PARAMS:
+            split["fusion"][name] = value
+        else:
+            split["dense"][name] = value
+    return split
+
+
+def load_index(
+    index_dir: str | PathLike[str],
+    *,
+    encoder_path: str | PathLike[str] | None = None,
+    max_batch: int = 64,
+    max_wait_ms: float = 2.0,
+) -> Retriever:
+    """The retriever stored in `index_dir`, checked against its manifest; else `IndexLoadError`.
+
+    A dense or hybrid index loads its encoder from `encoder_path`, else from the directory recorded
+    at build time, else the bundled default if it is the same model. Its dense part comes wrapped
+    in `BatchingRetriever(max_batch, max_wait_ms)`.
+    """
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
-    backend_cls = _BACKENDS[manifest["kind"]]
-    missing = [name for name in backend_cls.FILES if not (index_dir / name).is_file()]
-    if missing:
-        raise _error(index_dir, f"missing file(s): {', '.join(missing)}")
+    kind, params = manifest["kind"], manifest["params"]
+    if kind == "bm25":
+        return _load_bm25(index_dir, index_dir, manifest, params)
     try:
-        backend = backend_cls.load(index_dir)
-    except Exception as exc:  # third-party formats (numpy, orjson, bm25s): map at the boundary
+        from retrieval.dense import DenseRetriever
+    except ImportError as exc:
+        raise _error(index_dir, f"a {kind} index needs faiss-cpu and torch: {exc}") from exc
+    dense_dir = index_dir if kind == "dense" else index_dir / "dense"
+    _check_files(index_dir, dense_dir, DenseRetriever.FILES)  # before the (slow) encoder load
+    if kind == "hybrid":
+        _check_files(index_dir, index_dir / "bm25", BM25Retriever.FILES)
+    dense_params = params if kind == "dense" else _sub_params(index_dir, params, "dense")
+    encoder = _load_encoder(index_dir, manifest, dense_params, encoder_path)
+    dense = _guarded(index_dir, lambda: DenseRetriever.load(dense_dir, encoder))
+    _check_backend(index_dir, manifest, dense, dense_params)
+    batched = BatchingRetriever(dense, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    if kind == "dense":
+        return batched
+    bm25 = _load_bm25(
+        index_dir, index_dir / "bm25", manifest, _sub_params(index_dir, params, "bm25")
+    )
+    fusion = _sub_params(index_dir, params, "fusion")
+    return _guarded(index_dir, lambda: HybridRetriever(bm25, batched, **fusion))
+
+
+def _load_bm25(
+    index_dir: Path, directory: Path, manifest: dict[str, Any], params: dict[str, Any]
+) -> BM25Retriever:
+    _check_files(index_dir, directory, BM25Retriever.FILES)
+    bm25 = _guarded(index_dir, lambda: BM25Retriever.load(directory))
+    _check_backend(index_dir, manifest, bm25, params)
+    return bm25
+
+
+def _load_encoder(
+    index_dir: Path,
+    manifest: dict[str, Any],
+    params: dict[str, Any],
+    encoder_path: str | PathLike[str] | None,
+) -> Encoder:
+    """The encoder the index was built with, or `IndexLoadError` saying why not."""
+    from retrieval.encoder import Encoder, config_sha256, default_encoder_path
+
+    recorded = params.get("encoder")
+    if not isinstance(recorded, dict) or any(
+        not isinstance(recorded.get(f), t) for f, t in _ENCODER_FIELDS.items()
+    ):
+        raise _error(index_dir, f"corrupt {MANIFEST}: params.encoder missing or malformed")
+    path = Path(encoder_path or manifest.get("encoder_path") or recorded["name"])
+    if encoder_path is None and not path.is_dir():
+        try:  # the index was built elsewhere (another venv): the bundled encoder, if the same
+            default = default_encoder_path()
+            if config_sha256(default) == recorded["config_sha256"]:
+                path = default
+        except OSError:
+            pass
+    if not (path / "config.json").is_file():
+        raise _error(index_dir, f"encoder directory {path} not found (pass encoder_path=...)")
+    encoder = _guarded(
+        index_dir,
+        lambda: Encoder(
+            path,
+            query_prefix=recorded["query_prefix"],
+            passage_prefix=recorded["passage_prefix"],
+            max_length=recorded["max_length"],
+        ),
+    )
+    if encoder.dim != recorded["dim"]:
+        raise _error(
+            index_dir,
+            f"embedding dimension mismatch: encoder {path} embeds into {encoder.dim} dimensions, "
+            f"the index holds {recorded['dim']}-dimensional vectors",
+        )
+    if encoder.config_sha256 != recorded["config_sha256"]:
+        raise _error(
+            index_dir,
+            f"encoder {path} is not the one the index was built with "
+            f"(config.json sha256 {encoder.config_sha256[:12]}, "
+            f"index has {recorded['config_sha256'][:12]})",
+        )
+    return encoder
+
+
+def _sub_params(index_dir: Path, params: dict[str, Any], part: str) -> dict[str, Any]:
+    sub = params.get(part)
+    if not isinstance(sub, dict):
+        raise _error(index_dir, f"corrupt {MANIFEST}: params.{part} missing or not an object")
+    return sub
+
+
+def _check_files(index_dir: Path, directory: Path, names: tuple[str, ...]) -> None:
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        shown = [str((directory / name).relative_to(index_dir)) for name in missing]
+        raise _error(index_dir, f"missing file(s): {', '.join(shown)}")
+
+
+def _guarded(index_dir: Path, load: Callable[[], _T]) -> _T:
+    """Run `load`; third-party errors (numpy, bm25s, FAISS, transformers) become ours here."""
+    try:
+        return load()
+    except IndexLoadError:
+        raise
+    except Exception as exc:
         raise _error(index_dir, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _check_backend(
+    index_dir: Path,
+    manifest: dict[str, Any],
+    backend: BM25Retriever | DenseRetriever,
+    params: dict[str, Any],
+) -> None:
+    """The loaded files must match what the manifest says about them."""
     if len(backend) != manifest["n_passages"]:
         raise _error(
             index_dir, f"{MANIFEST} says {manifest['n_passages']} passages, files {len(backend)}"
         )
-    if backend.params != manifest["params"]:
-        raise _error(
-            index_dir, f"params differ: {MANIFEST} has {manifest['params']}, files {backend.params}"
-        )
-    return backend
+    if backend.params != params:
+        raise _error(index_dir, f"params differ: {MANIFEST} has {params}, files {backend.params}")
 
 
 def read_manifest(index_dir: str | PathLike[str]) -> dict[str, Any]:
@@ -123,7 +310,7 @@ def read_manifest(index_dir: str | PathLike[str]) -> dict[str, Any]:
     if manifest["format_version"] != FORMAT_VERSION:
         version = manifest["format_version"]
         raise _error(index_dir, f"format_version {version}, expected {FORMAT_VERSION}")
-    if manifest["kind"] not in _BACKENDS:
+    if manifest["kind"] not in KINDS:
         raise _error(index_dir, f"unknown index kind {manifest['kind']!r}")
     return manifest
 

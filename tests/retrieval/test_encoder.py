@@ -1,0 +1,76 @@
+"""retrieval/encoder.py: the real MiniLM encoder — shapes, norms, order, prefixes, offline load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_embeddings_are_unit_float32_rows(minilm):
+    """Guards against: un-normalised or float64 vectors, which make inner-product scores
+    meaningless (and FAISS rejects float64)."""
+    vectors = minilm.encode(["a painter born in Norvik", "x", "The quick brown fox. " * 40])
+    assert vectors.shape == (3, 384) and minilm.dim == 384
+    assert vectors.dtype == np.float32 and vectors.flags["C_CONTIGUOUS"]
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert minilm.encode([]).shape == (0, 384)
+
+
+def test_length_sorted_batches_keep_input_order(minilm):
+    """Guards against: returning vectors in the length-sorted order used for batching, or padding
+    leaking into the mean (a padded text would then embed differently from the same text alone)."""
+    texts = ["a much longer sentence about harbours, ships and lighthouses", "bread", "violin"]
+    together = minilm.encode(texts)
+    alone = np.stack([minilm.encode([t])[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_prefixes_are_prepended(minilm):
+    """Guards against: e5/bge-style prefixes configured but never applied, or applied to the wrong
+    side (queries vs passages)."""
+    from retrieval.encoder import Encoder
+
+    prefixed = Encoder(minilm.path, query_prefix="query: ", passage_prefix="passage: ")
+    q, p = "where is the bakery", "Velmora Bakery sells rye bread."
+    np.testing.assert_allclose(
+        prefixed.encode_queries([q]), minilm.encode(["query: " + q]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        prefixed.encode_passages([p]), minilm.encode(["passage: " + p]), atol=1e-6
+    )
+    assert prefixed.describe()["query_prefix"] == "query: "
+    assert prefixed.describe()["config_sha256"] == minilm.describe()["config_sha256"]
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    """Guards against: a mistyped encoder path being taken for a hub model id (a network call or
+    a confusing hub error) instead of failing at once."""
+    from retrieval.encoder import Encoder
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Encoder(tmp_path / "nope")
+
+
+def test_loads_offline_and_bm25_path_never_imports_torch(minilm, corpus_file, tmp_path):
+    """Guards against: the encoder reaching for a model hub (it must load with the network cut),
+    and the BM25 path of `retrieval` importing torch or faiss (the service runs without them)."""
+    code = (
+        "import sys, asyncio\n"
+        "import retrieval\n"
+        "from retrieval.index import build_index, load_index\n"
+        f"build_index({str(corpus_file)!r}, {str(tmp_path / 'bm25')!r}, show_progress=False)\n"
+        f"r = load_index({str(tmp_path / 'bm25')!r})\n"
+        "assert asyncio.run(r.search(['Kessel Bridge'], 1))[0][0].id == 't15'\n"
+        "assert 'torch' not in sys.modules and 'faiss' not in sys.modules, 'heavy import'\n"
+        "from retrieval.encoder import Encoder, default_encoder_path\n"
+        "assert Encoder(default_encoder_path()).dim == 384\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env["PATH"] = "/usr/bin:/bin"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
