@@ -71,6 +71,16 @@ class RunState:
             self.finished = event
         return None
 
+    def unstreamed_answer(self) -> str | None:
+        """The loop's fallback answer (no answer tags: the text after the last documents) when
+        nothing reached the answer channel; sent as content so both paths agree."""
+        assert self.finished is not None
+        answer = self.finished.trajectory.answer
+        if self.content or not answer:
+            return None
+        self.content.append(answer)
+        return answer
+
     def usage(self) -> Usage:
         assert self.finished is not None
         u = self.finished.usage
@@ -126,7 +136,7 @@ async def complete(ctx: ChatContext, req: ChatCompletionRequest) -> ChatCompleti
     _count(ctx.metrics, state)
     reasoning = "".join(state.reasoning) or None
     message = AssistantMessage(
-        content=state.finished.trajectory.answer or "".join(state.content),
+        content=state.unstreamed_answer() or "".join(state.content),
         reasoning_content=reasoning,
         reasoning=reasoning,
     )
@@ -171,6 +181,9 @@ async def stream(
                     yield frame([StreamChoice(index=0, delta=delta)])
         assert state.finished is not None
         _count(ctx.metrics, state)
+        late = state.unstreamed_answer()
+        if late is not None:
+            yield frame([StreamChoice(index=0, delta=Delta(content=late))])
         final = StreamChoice(index=0, delta=Delta(), finish_reason=state.finished.reason)
         yield frame([final], search_trace=state.trace)
         if req.stream_options and req.stream_options.include_usage:
