@@ -101,7 +101,9 @@ class RecordingEngine:
             yield chunk
 
 
-def test_real_model_trajectory_is_sampled_plus_injected(engine, tiny_checkpoint, small_index):
+def test_real_model_trajectory_is_sampled_plus_injected(
+    engine, tiny_checkpoint, small_index, known_question
+):
     """Guards against trajectory/mask drift with a real model: completion ids are exactly the
     engine's sampled ids interleaved with the injected document ids, and env_mask is 0 exactly
     on the injected ones."""
@@ -113,9 +115,7 @@ def test_real_model_trajectory_is_sampled_plus_injected(engine, tiny_checkpoint,
     loop = AgentLoop(recorder, load_index(small_index), load_format(tiny_checkpoint), Limits())
 
     async def go():
-        return [
-            e async for e in loop.run(loop.prompt_ids("Where was Gal Borin born?"), RunParams())
-        ]
+        return [e async for e in loop.run(loop.prompt_ids(known_question["question"]), RunParams())]
 
     events = asyncio.run(go())
     injected = [e.ids for e in events if isinstance(e, Documents)]

@@ -40,10 +40,10 @@ def served(tiny_checkpoint, small_index, free_port):
     proc.wait(timeout=15)
 
 
-def test_openai_client_streams_and_completes_through_the_agent(served, small_world):
-    """Guards against the served process being unusable from the official client: a test-split
-    question gets an answer both ways, and the trace shows what was searched and retrieved."""
-    question = json.loads((small_world / "test.jsonl").read_text().splitlines()[0])["question"]
+def test_openai_client_streams_and_completes_through_the_agent(served, known_question):
+    """Guards against the served process being unusable from the official client: a question
+    gets an answer both ways, and the trace shows what was searched and retrieved."""
+    question = known_question["question"]
     client = openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": question}]
 

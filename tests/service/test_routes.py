@@ -9,7 +9,10 @@ import httpx
 import openai
 import pytest
 
-QUESTION = "Where was Gal Borin born?"
+
+@pytest.fixture(scope="module")
+def question(known_question) -> str:
+    return known_question["question"]
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +31,9 @@ def test_models_lists_the_served_model(client):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_chat_completion_parses_with_the_official_client(client, stream):
+def test_chat_completion_parses_with_the_official_client(client, stream, question):
     """Guards against responses the OpenAI SDK cannot parse, streaming or not."""
-    messages = [{"role": "user", "content": QUESTION}]
+    messages = [{"role": "user", "content": question}]
     if not stream:
         r = client.chat.completions.create(model="tiny", messages=messages)
         choice = r.choices[0]
@@ -52,12 +55,12 @@ def test_chat_completion_parses_with_the_official_client(client, stream):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
-def test_stream_frames_follow_vllm_wire_format(base_url):
+def test_stream_frames_follow_vllm_wire_format(base_url, question):
     """Guards against frames a vLLM client would not expect: role first, finish_reason last,
     usage only when asked, [DONE] at the end, documents in reasoning_content."""
     body = {
         "model": "tiny",
-        "messages": [{"role": "user", "content": QUESTION}],
+        "messages": [{"role": "user", "content": question}],
         "stream": True,
     }
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as r:
@@ -75,9 +78,9 @@ def test_stream_frames_follow_vllm_wire_format(base_url):
     assert len({c["id"] for c in chunks}) == 1
 
 
-def test_non_streaming_and_streaming_agree(base_url):
+def test_non_streaming_and_streaming_agree(base_url, question):
     """Guards against the two paths building different answers from the same greedy run."""
-    body = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}]}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": question}]}
     plain = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60).json()
     with httpx.stream(
         "POST", f"{base_url}/v1/chat/completions", json={**body, "stream": True}, timeout=60
@@ -137,12 +140,12 @@ def test_unknown_route_is_openai_shaped(base_url):
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_health_and_metrics(base_url, client):
+def test_health_and_metrics(base_url, client, question):
     """Guards against metrics that never move: a request must show up in the counters, and so
     must a request rejected before it reached the route (validation errors)."""
     assert httpx.get(f"{base_url}/health", timeout=10).json() == {"status": "ok"}
     httpx.post(f"{base_url}/v1/chat/completions", json={"model": "tiny"}, timeout=10)
-    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}])
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}])
     text = httpx.get(f"{base_url}/metrics", timeout=10).text
     assert 'searchagent_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert 'searchagent_requests_total{route="/v1/chat/completions",status="400"}' in text
