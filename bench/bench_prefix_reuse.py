@@ -5,7 +5,7 @@ session reuse (the default) and with reuse disabled (`max_sessions=0`, so every 
 the whole context, as the research repos' offline loops do). Prints prefill tokens and wall time
 per configuration and their ratio; both runs must produce identical trajectories.
 
-  .venv/bin/python bench/bench_prefix_reuse.py --model artifacts/demo/sft \
+  .venv/bin/python -m bench.bench_prefix_reuse --model artifacts/demo/sft \
       --index artifacts/demo/index --data artifacts/demo/world/test.jsonl --n 40
 """
 
