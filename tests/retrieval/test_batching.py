@@ -9,6 +9,7 @@ import threading
 
 import pytest
 from retrieval_corpus import CORPUS, PARAPHRASES
+from retrieval_wrappers import CountingRetriever, GatedRetriever
 
 from retrieval.batching import BatchingRetriever
 from retrieval.bm25 import BM25Retriever
@@ -21,33 +22,6 @@ QUERIES = [q for q, _ in PARAPHRASES] + [p["title"] for p in CORPUS[10:16]]
 assert len(QUERIES) == 16
 
 
-class CountingRetriever:
-    """Delegates to a real retriever and records every batch it is asked for."""
-
-    def __init__(self, inner: Retriever) -> None:
-        self.inner = inner
-        self.calls: list[tuple[list[str], int]] = []
-
-    async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        self.calls.append((list(queries), k))
-        return await self.inner.search(queries, k)
-
-
-class GatedRetriever(CountingRetriever):
-    """Holds every search at a gate until the test opens it."""
-
-    def __init__(self, inner: Retriever) -> None:
-        super().__init__(inner)
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        self.calls.append((list(queries), k))
-        self.entered.set()
-        await self.gate.wait()
-        return await self.inner.search(queries, k)
-
-
 class FlakyRetriever(CountingRetriever):
     """Fails its first `failures` searches, then delegates."""
 
@@ -56,7 +30,7 @@ class FlakyRetriever(CountingRetriever):
         self.failures = failures
 
     async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        self.calls.append((list(queries), k))
+        self.record(queries, k)
         if len(self.calls) <= self.failures:
             raise RuntimeError("backend down")
         return await self.inner.search(queries, k)

@@ -9,10 +9,11 @@ import uuid
 
 import pytest
 import redis
+from retrieval_wrappers import CountingRetriever, GatedRetriever
 
 from retrieval.bm25 import BM25Retriever
 from retrieval.cache import CachedRetriever, MemoryCache, RedisCache
-from retrieval.types import Cache, Passage, Retriever
+from retrieval.types import Cache, Passage
 
 PEOPLE = [
     {"id": f"p{i}", "title": name, "text": f"{name} is a {job} born in {city}."}
@@ -34,36 +35,9 @@ def bm25() -> BM25Retriever:
     return BM25Retriever.build(PEOPLE)
 
 
-class CountingRetriever:
-    """Delegates to a real retriever and records every batch it is asked for."""
-
-    def __init__(self, inner: Retriever) -> None:
-        self.inner = inner
-        self.calls: list[list[str]] = []
-
-    async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        self.calls.append(list(queries))
-        return await self.inner.search(queries, k)
-
-
-class GatedRetriever(CountingRetriever):
-    """Holds every search at a gate until the test opens it, to make overlaps deterministic."""
-
-    def __init__(self, inner: Retriever) -> None:
-        super().__init__(inner)
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        self.calls.append(list(queries))
-        self.entered.set()
-        await self.gate.wait()
-        return await self.inner.search(queries, k)
-
-
 class FailingRetriever(CountingRetriever):
     async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
-        self.calls.append(list(queries))
+        self.record(queries, k)
         raise RuntimeError("backend down")
 
 
@@ -137,7 +111,7 @@ def test_second_call_is_a_hit_and_skips_the_backend(bm25):
         second = await cached.search(["  cira   MOLL "], 3)  # same normalized query
         assert first == second == await bm25.search(["cira moll"], 3)
         assert first[0][0].id == "p2"
-        assert inner.calls == [["cira moll"]]
+        assert inner.queries == [["cira moll"]]
         assert (cached.hits, cached.misses) == (1, 1)
         await cached.search(["Cira Moll"], 2)  # k is part of the key
         assert len(inner.calls) == 2
@@ -155,7 +129,7 @@ def test_misses_only_are_searched_in_one_call_and_order_is_kept(bm25):
         await cached.search(["Dov Tarn"], 2)
         results = await cached.search(["Ada Lind", "Dov Tarn", "Fenn Oort"], 2)
         assert [r[0].id for r in results] == ["p0", "p3", "p5"]
-        assert inner.calls == [["dov tarn"], ["ada lind", "fenn oort"]]
+        assert inner.queries == [["dov tarn"], ["ada lind", "fenn oort"]]
 
     asyncio.run(main())
 
@@ -168,7 +142,7 @@ def test_duplicate_queries_in_a_batch_are_searched_once(bm25):
         cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
         results = await cached.search(["Ada Lind", "Borin Kask", "ADA LIND", "ada lind"], 2)
         assert [r[0].id for r in results] == ["p0", "p1", "p0", "p0"]
-        assert inner.calls == [["ada lind", "borin kask"]]
+        assert inner.queries == [["ada lind", "borin kask"]]
         assert cached.misses == 2
 
     asyncio.run(main())
@@ -189,7 +163,7 @@ def test_concurrent_identical_misses_make_one_backend_call(bm25):
         r1, r2 = await asyncio.gather(first, second)
         assert r1[0][0].id == r2[0][0].id == "p4"
         assert r2[1][0].id == "p0"
-        assert inner.calls == [["elsa quill"], ["ada lind"]]
+        assert inner.queries == [["elsa quill"], ["ada lind"]]
 
     asyncio.run(main())
 
