@@ -50,7 +50,7 @@ def _parse_line(raw: bytes) -> dict[str, str]:
     if "text" in obj:
         title, text = obj.get("title", ""), obj["text"]
     elif "contents" in obj:
-        title, text = _split_contents(_require_str(obj, "contents"))
+        title, text = split_contents(_require_str(obj, "contents"))
     else:
         raise ValueError("needs 'text' (with optional 'title') or Search-R1's 'contents'")
     if not isinstance(title, str) or not isinstance(text, str):
@@ -58,7 +58,7 @@ def _parse_line(raw: bytes) -> dict[str, str]:
     return {"id": str(pid), "title": title, "text": text}
 
 
-def _split_contents(contents: str) -> tuple[str, str]:
+def split_contents(contents: str) -> tuple[str, str]:
     """`"Title"\\ntext` -> (Title, text); the same split FlashRAG and Search-R1 use."""
     first, _, rest = contents.partition("\n")
     first = first.strip()

@@ -158,16 +158,30 @@ def load_index(
     encoder_path: str | PathLike[str] | None = None,
     max_batch: int = 64,
     max_wait_ms: float = 2.0,
+    part: str | None = None,
 ) -> Retriever:
     """The retriever stored in `index_dir`, checked against its manifest; else `IndexLoadError`.
 
     A dense or hybrid index loads its encoder from `encoder_path`, else from the directory recorded
     at build time, else the bundled default if it is the same model. Its dense part comes wrapped
-    in `BatchingRetriever(max_batch, max_wait_ms)`.
+    in `BatchingRetriever(max_batch, max_wait_ms)`. `part` ("bm25", "dense" or "hybrid") asks for
+    one backend: the index's own kind, or one half of a hybrid index.
     """
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
     kind, params = manifest["kind"], manifest["params"]
+    if part is not None and part != kind:
+        if part not in KINDS:
+            raise _error(index_dir, f"unknown retriever {part!r}; known: {list(KINDS)}")
+        if kind != "hybrid" or part == "hybrid":
+            raise _error(
+                index_dir,
+                f"it is a {kind} index, not {part}; build one with "
+                f"`searchagent index build --kind {part}`",
+            )
+        if part == "bm25":
+            sub = _sub_params(index_dir, params, "bm25")
+            return _load_bm25(index_dir, index_dir / "bm25", manifest, sub)
     if kind == "bm25":
         return _load_bm25(index_dir, index_dir, manifest, params)
     try:
@@ -183,7 +197,7 @@ def load_index(
     dense = _guarded(index_dir, lambda: DenseRetriever.load(dense_dir, encoder))
     _check_backend(index_dir, manifest, dense, dense_params)
     batched = BatchingRetriever(dense, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    if kind == "dense":
+    if kind == "dense" or part == "dense":
         return batched
     bm25 = _load_bm25(
         index_dir, index_dir / "bm25", manifest, _sub_params(index_dir, params, "bm25")

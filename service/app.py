@@ -1,4 +1,5 @@
-"""`create_app(settings)`: loads the model and the index and builds the FastAPI app.
+"""`create_app(settings)`: loads the retriever (and the model, unless retrieval-only) and builds
+the FastAPI app.
 
 Everything the routes need lives on `app.state` (settings, chat context, metrics); nothing is
 global, so tests can run several apps in one process.
@@ -15,11 +16,14 @@ from fastapi import FastAPI
 from agent.checkpoint import load_format, load_tokenizer
 from agent.loop import AgentLoop, Limits
 from retrieval.cache import CachedRetriever, MemoryCache, RedisCache
-from retrieval.index import fingerprint, load_index
-from retrieval.types import Cache
+from retrieval.index import fingerprint, load_index, read_manifest
+from retrieval.remote import RemoteRetriever
+from retrieval.types import Cache, Retriever
 from service.chat import ChatContext
 from service.errors import install_handlers
 from service.metrics import Metrics, MetricsMiddleware
+from service.retrieval_api import RetrievalContext
+from service.retrieval_api import router as retrieval_router
 from service.routes import router
 from service.settings import Settings
 
@@ -27,8 +31,9 @@ log = logging.getLogger("searchagent.service")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """Loads the checkpoint and the index now, so a bad path fails here, before serving."""
+    """Loads the index (and the checkpoint, when one is set) now, so a bad path fails here."""
     metrics = Metrics()
+    retriever, closers = build_retriever(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,37 +41,64 @@ def create_app(settings: Settings) -> FastAPI:
         log.info("serving %s on %s:%s", settings.model_id, settings.host, settings.port)
         yield
         app.state.ready = False
+        for close in closers:
+            await close()
 
     app = FastAPI(title="searchagent", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.chat = _load(settings, metrics)
+    app.state.retrieval = RetrievalContext(
+        retriever,
+        default_k=settings.top_k,
+        max_k=settings.max_retrieve_k,
+        max_queries=settings.max_retrieve_queries,
+        max_query_chars=settings.max_query_chars,
+    )
+    app.state.chat = _load_chat(settings, metrics, retriever) if settings.model else None
     app.state.ready = False
     install_handlers(app)
     app.include_router(router)
-    paths = frozenset(getattr(r, "path", "") for r in router.routes)
+    app.include_router(retrieval_router)
+    paths = frozenset(getattr(r, "path", "") for r in (*router.routes, *retrieval_router.routes))
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
     return app
 
 
-def _load(settings: Settings, metrics: Metrics) -> ChatContext:
-    from agent.hf_engine import TransformersEngine  # torch only when the embedded engine runs
-
-    fmt = load_format(settings.model, settings.tag_format)
-    tokenizer = load_tokenizer(settings.model, fmt)
-    engine = TransformersEngine(settings.model, tokenizer, device=settings.device)
-    index = load_index(settings.index)
+def build_retriever(settings: Settings, metrics: Metrics) -> tuple[CachedRetriever, list]:
+    """The configured backend, timed by backend label and wrapped in the cache; plus what must
+    be closed at shutdown."""
+    closers = []
+    if settings.retriever == "remote":
+        assert settings.retriever_url is not None  # Settings checked it
+        backend: Retriever = RemoteRetriever(
+            settings.retriever_url, settings.retriever_api, timeout_s=settings.retrieval_timeout_s
+        )
+        closers.append(backend.aclose)
+        label = "remote"
+        namespace = f"remote:{settings.retriever_api}:{settings.retriever_url}"
+    else:
+        assert settings.index is not None
+        part = None if settings.retriever == "index" else settings.retriever
+        backend = load_index(settings.index, part=part)
+        label = part or read_manifest(settings.index)["kind"]
+        namespace = f"{fingerprint(settings.index)}:{label}"
     cache: Cache = (
         RedisCache(settings.redis_url) if settings.redis_url else MemoryCache(settings.cache_size)
     )
-    backend = type(index).__name__
     cached = CachedRetriever(
-        metrics.timed(index, backend),
-        cache,
-        namespace=f"{fingerprint(settings.index)}:{backend}",
-        ttl_s=settings.cache_ttl_s,
+        metrics.timed(backend, label), cache, namespace=namespace, ttl_s=settings.cache_ttl_s
     )
     metrics.watch_cache(cached)
+    return cached, closers
+
+
+def _load_chat(settings: Settings, metrics: Metrics, retriever: Retriever) -> ChatContext:
+    from agent.hf_engine import TransformersEngine  # torch only when the embedded engine runs
+
+    assert settings.model is not None
+    fmt = load_format(settings.model, settings.tag_format)
+    tokenizer = load_tokenizer(settings.model, fmt)
+    engine = TransformersEngine(settings.model, tokenizer, device=settings.device)
     limits = Limits(
         max_searches=settings.max_searches,
         max_tokens=settings.max_tokens,
@@ -74,4 +106,4 @@ def _load(settings: Settings, metrics: Metrics) -> ChatContext:
         top_k=settings.top_k,
         retrieval_timeout_s=settings.retrieval_timeout_s,
     )
-    return ChatContext(AgentLoop(engine, cached, fmt, limits), settings.model_id, metrics)
+    return ChatContext(AgentLoop(engine, retriever, fmt, limits), settings.model_id, metrics)

@@ -1,8 +1,9 @@
 """`searchagent` command line. Subcommands import their modules lazily, so `serve` never loads
 training code and `index build` never loads torch.
 
-  searchagent serve --model DIR --index DIR [--host H --port P --served-model-name NAME]
-  searchagent index build --corpus FILE --out DIR
+  searchagent serve --model DIR --index DIR [--retriever KIND --redis-url URL --host H --port P]
+  searchagent retrieve-serve --index DIR [--retriever KIND --redis-url URL --host H --port P]
+  searchagent index build --corpus FILE --out DIR [--kind bm25|dense|hybrid]
   searchagent eval --model DIR --index DIR --data FILE.jsonl [--limit N] [--json]
   searchagent train sft --out DIR [--worlds N --per-world N --steps N]
   searchagent world build --out DIR [--seed N]
@@ -20,6 +21,20 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> None:
+    overrides = {
+        "model": args.model,
+        "served_model_name": args.served_model_name,
+        "tag_format": args.format,
+        "device": args.device,
+    }
+    _run_server(args, overrides, with_model=True)
+
+
+def _retrieve_serve(args: argparse.Namespace) -> None:
+    _run_server(args, {}, with_model=False)
+
+
+def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> None:
     import uvicorn
     from pydantic import ValidationError
 
@@ -27,25 +42,29 @@ def _serve(args: argparse.Namespace) -> None:
     from service.app import create_app
     from service.settings import Settings
 
-    overrides = {
-        k: v
-        for k, v in {
-            "model": args.model,
-            "index": args.index,
-            "host": args.host,
-            "port": args.port,
-            "served_model_name": args.served_model_name,
-            "tag_format": args.format,
-            "device": args.device,
-            "redis_url": args.redis_url,
-        }.items()
-        if v is not None
+    overrides |= {
+        "index": args.index,
+        "host": args.host,
+        "port": args.port,
+        "redis_url": args.redis_url,
+        "retriever": args.retriever,
+        "retriever_url": args.retriever_url,
+        "retriever_api": args.retriever_api,
     }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not with_model:
+        given["model"] = None  # retrieval only, whatever SEARCHAGENT_MODEL says
     try:
-        settings = Settings(**overrides)
+        settings = Settings(**given)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise SystemExit(f"searchagent: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = ".".join(map(str, err["loc"]))
+        raise SystemExit(f"searchagent: {where + ': ' if where else ''}{err['msg']}") from None
+    if with_model and settings.model is None:
+        raise SystemExit(
+            "searchagent: serve needs --model DIR (or SEARCHAGENT_MODEL); "
+            "for retrieval alone run `searchagent retrieve-serve`"
+        )
     try:
         app = create_app(settings)
     except (IndexLoadError, OSError, ValueError, KeyError) as exc:
@@ -56,8 +75,16 @@ def _serve(args: argparse.Namespace) -> None:
 def _index_build(args: argparse.Namespace) -> None:
     from retrieval.index import build_index
 
-    out = build_index(args.corpus, args.out)
-    print(f"index written to {out}")
+    dense = {
+        "encoder_path": args.encoder,
+        "faiss_kind": args.faiss,
+        "query_prefix": args.query_prefix,
+        "passage_prefix": args.passage_prefix,
+    }
+    if args.kind == "bm25":
+        dense = {}
+    out = build_index(args.corpus, args.out, args.kind, **dense)
+    print(f"{args.kind} index written to {out}")
 
 
 def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
@@ -120,21 +147,29 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve the agent over an OpenAI-compatible API")
     s.add_argument("--model", type=Path)
-    s.add_argument("--index", type=Path)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
     s.add_argument("--served-model-name")
     s.add_argument("--format", help="tag format preset overriding agent.json")
     s.add_argument("--device")
-    s.add_argument("--redis-url")
+    _server_args(s)
     s.set_defaults(func=_serve)
+
+    rs = sub.add_parser(
+        "retrieve-serve", help="serve only retrieval: POST /retrieve (Search-R1), /queries"
+    )
+    _server_args(rs)
+    rs.set_defaults(func=_retrieve_serve)
 
     idx = sub.add_parser("index", help="retrieval indexes").add_subparsers(
         dest="action", required=True
     )
     b = idx.add_parser("build", help="build an index from a corpus jsonl")
-    b.add_argument("--corpus", type=Path, required=True)
+    b.add_argument("--corpus", type=Path, required=True, help="jsonl: id,title,text or id,contents")
     b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--kind", choices=("bm25", "dense", "hybrid"), default="bm25")
+    b.add_argument("--encoder", type=Path, help="local HF encoder dir (default all-MiniLM-L6-v2)")
+    b.add_argument("--faiss", choices=("flat", "hnsw", "ivf"), default="flat")
+    b.add_argument("--query-prefix", default="", help='e.g. "query: " for e5 encoders')
+    b.add_argument("--passage-prefix", default="", help='e.g. "passage: " for e5 encoders')
     b.set_defaults(func=_index_build)
 
     e = sub.add_parser("eval", help="score a model through the loop on a dataset")
@@ -153,8 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--worlds", type=int, default=40)
     sft.add_argument("--first-world", type=int, default=1000, help="seed of the first world")
     sft.add_argument("--per-world", type=int, default=300)
-    sft.add_argument("--steps", type=int, default=600)
-    sft.add_argument("--copy-steps", type=int, default=300)
+    sft.add_argument("--steps", type=int, default=500)
+    sft.add_argument("--copy-steps", type=int, default=1500, help="at most")
     sft.set_defaults(func=_train_sft)
 
     w = sub.add_parser("world", help="demo worlds").add_subparsers(dest="action", required=True)
@@ -168,6 +203,21 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--out", type=Path, default=Path("artifacts/demo"))
     db.set_defaults(func=_demo_build)
     return p
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    apis = ("searchagent", "search-r1", "r1-searcher", "searxng")  # = retrieval.remote.APIS
+    p.add_argument("--index", type=Path)
+    p.add_argument(
+        "--retriever",
+        choices=("index", "bm25", "dense", "hybrid", "remote"),
+        help="the index's own kind (default), one half of a hybrid index, or a remote server",
+    )
+    p.add_argument("--retriever-url", help="remote retrieval endpoint, e.g. http://h:8000/retrieve")
+    p.add_argument("--retriever-api", choices=apis, help="the remote server's protocol")
+    p.add_argument("--redis-url", help="cache retrieval in Redis (default: in-memory LRU)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
 
 
 def main(argv: list[str] | None = None) -> None:

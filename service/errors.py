@@ -4,6 +4,7 @@
     ├── BadRequestError (400 invalid_request_error)
     │   └── ContextLengthError (400, code context_length_exceeded)
     ├── ModelNotFoundError (404 model_not_found)
+    ├── NotFoundError (404: a route this server does not serve)
     └── UnavailableError (503 service_unavailable)
 
 Body: {"error": {"message", "type", "param", "code"}}. Validation errors, unknown routes and
@@ -46,6 +47,11 @@ class ModelNotFoundError(ServiceError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class NotFoundError(ServiceError):
+    status = 404
+    type = "invalid_request_error"
 
 
 class UnavailableError(ServiceError):

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import chat
 from service.chat import ChatContext
-from service.errors import UnavailableError
+from service.errors import NotFoundError, UnavailableError
 from service.metrics import Metrics
 from service.protocol import ChatCompletionRequest, ModelCard, ModelList, now
 
@@ -20,6 +20,10 @@ router = APIRouter()
 def _chat(request: Request) -> ChatContext:
     if not getattr(request.app.state, "ready", False):
         raise UnavailableError("the model is still loading")
+    if request.app.state.chat is None:
+        raise NotFoundError(
+            "this is a retrieval-only server (no --model): it serves POST /retrieve and /queries"
+        )
     return request.app.state.chat
 
 
@@ -42,13 +46,21 @@ async def chat_completions(req: ChatCompletionRequest, ctx: ChatDep) -> Response
 
 
 @router.get("/v1/models")
-async def models(ctx: ChatDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=ctx.model_id, created=now())])
+async def models(request: Request) -> ModelList:
+    chat: ChatContext | None = request.app.state.chat
+    return ModelList(data=[ModelCard(id=chat.model_id, created=now())] if chat else [])
 
 
 @router.get("/health")
 async def health() -> dict:
     return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> dict:
+    if not getattr(request.app.state, "ready", False):
+        raise UnavailableError("still loading")
+    return {"status": "ready", "model": request.app.state.chat is not None}
 
 
 @router.get("/metrics")

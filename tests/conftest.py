@@ -33,34 +33,54 @@ def free_port_fixture():
     return free_port
 
 
+class RedisServer:
+    """A throwaway redis-server (no persistence) on `port`; `start()` again after `kill()`."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 10
+        while not _pings(self.port):
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                pytest.fail(f"redis-server exited early: {err}")
+            if time.monotonic() > deadline:
+                pytest.fail("redis-server did not answer PING within 10 s")
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """`redis://127.0.0.1:<port>/0` of a throwaway redis-server (no persistence)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    with subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    ) as proc:
-        try:
-            deadline = time.monotonic() + 10
-            while not _pings(port):
-                if proc.poll() is not None:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    pytest.fail(f"redis-server exited early: {err}")
-                if time.monotonic() > deadline:
-                    pytest.fail("redis-server did not answer PING within 10 s")
-                time.sleep(0.02)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    """`redis://127.0.0.1:<port>/0` of a throwaway redis-server shared by the session."""
+    server = RedisServer(free_port()).start()
+    yield server.url
+    server.kill()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which the test may kill and restart."""
+    server = RedisServer(free_port()).start()
+    yield server
+    server.kill()
 
 
 # -- a tiny world, its index, and a checkpoint trained by the suite itself ---------------------
@@ -140,6 +160,22 @@ def start_uvicorn(app, port: int):
             pytest.fail("uvicorn did not start within 60 s")
         time.sleep(0.05)
     return server, thread
+
+
+@pytest.fixture
+def serve_app():
+    """`url = serve_app(app)`: `app` under a real uvicorn on a free port, stopped at teardown."""
+    started = []
+
+    def serve(app) -> str:
+        port = free_port()
+        started.append(start_uvicorn(app, port))
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for server, thread in started:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -164,3 +164,20 @@ def test_hybrid_index_with_missing_part(corpus_file, tmp_path, minilm):
     shutil.rmtree(out / "dense")
     with pytest.raises(IndexLoadError, match="missing file.*dense/faiss.index"):
         load_index(out)
+
+
+def test_load_one_half_of_a_hybrid_index(corpus_file, tmp_path, minilm):
+    """Guards against `serve --retriever bm25|dense` on a hybrid index loading the wrong backend,
+    or a request for a backend the index does not hold loading anyway instead of failing."""
+    out = build_index(corpus_file, tmp_path / "idx", "hybrid", show_progress=False)
+    bm25 = load_index(out, part="bm25")
+    dense = load_index(out, part="dense")
+    assert isinstance(bm25, BM25Retriever) and isinstance(dense, BatchingRetriever)
+    assert isinstance(load_index(out, part="hybrid"), HybridRetriever)
+    [hits] = search(dense, ["mountain that spews lava"], 1)
+    assert hits[0].title == "Mount Ossery"  # a paraphrase only the encoder matches
+    only_bm25 = build_index(corpus_file, tmp_path / "bm25")
+    with pytest.raises(IndexLoadError, match="it is a bm25 index, not dense.*--kind dense"):
+        load_index(only_bm25, part="dense")
+    with pytest.raises(IndexLoadError, match="unknown retriever 'sparse'"):
+        load_index(only_bm25, part="sparse")

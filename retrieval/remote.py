@@ -1,0 +1,179 @@
+"""`RemoteRetriever`: a `Retriever` over HTTP, for retrieval that runs somewhere else.
+
+Four wire protocols (`api`):
+
+  searchagent   our own `POST /retrieve` (same shape as search-r1, below); the default
+  search-r1     Search-R1's retrieval server: POST {"queries", "topk", "return_scores": true}
+                -> {"result": [[{"document": {"id", "contents"}, "score"}, ...], ...]},
+                contents = '"Title"\\ntext'
+  r1-searcher   R1-Searcher's server: POST {"queries", "k"} -> {"answers": [[text, ...], ...]},
+                each text "Title: t Text: x" (how R1-Searcher's traces show passages) or bare text
+  searxng       a JSON web-search API such as SearXNG's: GET url?q=...&format=json
+                -> {"results": [{"url", "title", "content"}, ...]}, one request per query
+
+`url` is the full endpoint (`http://host:8000/retrieve`, `http://host:5004/queries`,
+`http://host:8888/search`). Connection failures are retried (`retries` times); an HTTP error
+status, a timeout while reading or a reply of the wrong shape raises `RemoteError` with one line
+saying which. The agent loop turns that into an error document; the request itself does not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from typing import Any
+
+import httpx
+
+from retrieval.corpus import split_contents
+from retrieval.types import Passage
+
+APIS = ("searchagent", "search-r1", "r1-searcher", "searxng")
+_R1_PASSAGE = re.compile(r"\s*Title:\s*(?P<title>.*?)\s+Text:\s*(?P<text>.*)", re.DOTALL)
+
+
+class RemoteError(Exception):
+    """The remote retrieval service failed or answered in an unexpected shape."""
+
+
+class RemoteRetriever:
+    def __init__(
+        self,
+        url: str,
+        api: str = "searchagent",
+        *,
+        timeout_s: float = 10.0,
+        connect_timeout_s: float = 2.0,
+        retries: int = 1,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if api not in APIS:
+            raise ValueError(f"unknown remote retrieval api {api!r}; choose one of {APIS}")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"remote retrieval url must start with http:// or https://: {url!r}")
+        self.url = url
+        self.api = api
+        self.retries = retries
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+            headers=headers,
+            transport=transport,
+        )
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"url": self.url, "api": self.api}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
+        if not queries:
+            return []
+        if k <= 0:
+            return [[] for _ in queries]
+        if self.api == "searxng":
+            return list(await asyncio.gather(*(self._searxng(q, k) for q in queries)))
+        if self.api == "r1-searcher":
+            body = await self._call("POST", json={"queries": queries, "k": k})
+            return _parse_r1_searcher(body, len(queries), k)
+        body = await self._call("POST", json={"queries": queries, "topk": k, "return_scores": True})
+        return _parse_search_r1(body, len(queries), k)
+
+    async def _searxng(self, query: str, k: int) -> list[Passage]:
+        body = await self._call("GET", params={"q": query, "format": "json"})
+        results = _field(body, "results", list)
+        passages = []
+        for rank, item in enumerate(results[:k]):
+            if not isinstance(item, dict):
+                raise RemoteError(f"{self.url}: a result is not an object")
+            url = str(item.get("url", ""))
+            passages.append(
+                Passage(
+                    id=url or _text_id(str(item.get("content", ""))),
+                    title=str(item.get("title", "")),
+                    text=str(item.get("content", "")),
+                    score=float(item.get("score", 1.0 / (rank + 1))),
+                )
+            )
+        return passages
+
+    async def _call(self, method: str, **kwargs: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                reply = await self._client.request(method, self.url, **kwargs)
+                break
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if attempt == self.retries:
+                    raise RemoteError(f"{self.url}: cannot connect ({exc})") from exc
+            except httpx.TimeoutException as exc:
+                raise RemoteError(f"{self.url}: timed out") from exc
+            except httpx.HTTPError as exc:
+                raise RemoteError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        if reply.status_code != 200:
+            raise RemoteError(f"{self.url}: HTTP {reply.status_code}: {reply.text[:200]}")
+        try:
+            return reply.json()
+        except ValueError as exc:
+            raise RemoteError(f"{self.url}: reply is not JSON") from exc
+
+
+def _field(body: Any, name: str, kind: type) -> Any:
+    if not isinstance(body, dict) or not isinstance(body.get(name), kind):
+        raise RemoteError(f"reply has no {name!r} {kind.__name__}")
+    return body[name]
+
+
+def _per_query(body: Any, name: str, n: int) -> list[list[Any]]:
+    lists = _field(body, name, list)
+    if len(lists) != n or not all(isinstance(x, list) for x in lists):
+        raise RemoteError(f"reply's {name!r} should hold {n} lists, one per query")
+    return lists
+
+
+def _parse_search_r1(body: Any, n: int, k: int) -> list[list[Passage]]:
+    out = []
+    for hits in _per_query(body, "result", n):
+        passages = []
+        for rank, hit in enumerate(hits[:k]):
+            # return_scores=false servers send bare documents instead of {"document", "score"}
+            doc = hit.get("document", hit) if isinstance(hit, dict) else None
+            if not isinstance(doc, dict) or not isinstance(doc.get("contents"), str):
+                raise RemoteError("a result has no document.contents string")
+            title, text = split_contents(doc["contents"])
+            text = text.strip()
+            score = hit.get("score", 1.0 / (rank + 1))
+            doc_id = str(doc.get("id", "")) or _text_id(doc["contents"])
+            passages.append(Passage(id=doc_id, title=title, text=text, score=float(score)))
+        out.append(passages)
+    return out
+
+
+def _parse_r1_searcher(body: Any, n: int, k: int) -> list[list[Passage]]:
+    out = []
+    for texts in _per_query(body, "answers", n):
+        passages = []
+        for rank, raw in enumerate(texts[:k]):
+            if not isinstance(raw, str):
+                raise RemoteError("an answer is not a string")
+            match = _R1_PASSAGE.fullmatch(raw)
+            title, text = (match["title"], match["text"]) if match else ("", raw.strip())
+            passages.append(Passage(_text_id(raw), title, text, score=1.0 / (rank + 1)))
+        out.append(passages)
+    return out
+
+
+def search_r1_contents(p: Passage) -> str:
+    """The inverse of `split_contents`, as Search-R1's wiki corpus writes it."""
+    return f'"{p.title}"\n{p.text.strip()}'
+
+
+def r1_searcher_text(p: Passage) -> str:
+    """A passage as R1-Searcher's published traces show it: "Title: t Text: x"."""
+    return f"Title: {p.title} Text: {p.text.strip()}"
+
+
+def _text_id(text: str) -> str:
+    return "sha1:" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
