@@ -54,3 +54,18 @@ def test_oracle_answers_only_from_retrieved_evidence(tiny_checkpoint, small_worl
             assert any(str(step["value"]) in f"{p.title} {p.text}" for p in search.passages)
         assert traj.answer == q["answer"]
     assert kept >= 30
+
+
+def test_copy_warm_up_rows_score_only_the_repeated_span(tiny_checkpoint):
+    """Guards against a warm-up that trains on unpredictable tokens (noise, the first showing of
+    the span) instead of the copy, which is what forms the induction head."""
+    from training.sft import _copy_rows
+
+    tok = Tokenizer.from_dir(tiny_checkpoint, DEFAULT.eos, DEFAULT.bos)
+    marker = tok.token_id(DEFAULT.eos)
+    for row in _copy_rows(tok, 200, seed=3):
+        ids, mask = row["input_ids"], row["assistant_masks"]
+        start = mask.index(1)
+        copy = ids[start:]
+        assert all(mask[start:]) and not any(mask[:start]) and 4 <= len(copy) <= 16
+        assert ids[start - 1] == marker and ids[start - 1 - len(copy) : start - 1] == copy
