@@ -22,14 +22,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from typing import Any
+from typing import Any, Literal, get_args
 
 import httpx
 
 from retrieval.corpus import split_contents
 from retrieval.types import Passage
 
-APIS = ("searchagent", "search-r1", "r1-searcher", "searxng")
+RemoteApi = Literal["searchagent", "search-r1", "r1-searcher", "searxng"]
+APIS: tuple[str, ...] = get_args(RemoteApi)
 _R1_PASSAGE = re.compile(r"\s*Title:\s*(?P<title>.*?)\s+Text:\s*(?P<text>.*)", re.DOTALL)
 
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from agent.checkpoint import load_format, load_tokenizer
 from agent.loop import AgentLoop, Limits
 from retrieval.cache import CachedRetriever, MemoryCache, RedisCache
-from retrieval.index import fingerprint, load_index, read_manifest
+from retrieval.index import load_index, read_manifest
 from retrieval.remote import RemoteRetriever
 from retrieval.types import Cache, Retriever
 from service.chat import ChatContext
@@ -80,8 +80,9 @@ def build_retriever(settings: Settings, metrics: Metrics) -> tuple[CachedRetriev
         assert settings.index is not None
         part = None if settings.retriever == "index" else settings.retriever
         backend = load_index(settings.index, part=part)
-        label = part or read_manifest(settings.index)["kind"]
-        namespace = f"{fingerprint(settings.index)}:{label}"
+        manifest = read_manifest(settings.index)
+        label = part or manifest["kind"]
+        namespace = f"{manifest['fingerprint']}:{label}"
     cache: Cache = (
         RedisCache(settings.redis_url) if settings.redis_url else MemoryCache(settings.cache_size)
     )

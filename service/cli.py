@@ -206,7 +206,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _server_args(p: argparse.ArgumentParser) -> None:
-    apis = ("searchagent", "search-r1", "r1-searcher", "searxng")  # = retrieval.remote.APIS
     p.add_argument("--index", type=Path)
     p.add_argument(
         "--retriever",
@@ -214,7 +213,11 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         help="the index's own kind (default), one half of a hybrid index, or a remote server",
     )
     p.add_argument("--retriever-url", help="remote retrieval endpoint, e.g. http://h:8000/retrieve")
-    p.add_argument("--retriever-api", choices=apis, help="the remote server's protocol")
+    p.add_argument(
+        "--retriever-api",
+        help="the remote server's protocol: searchagent (default), search-r1, "
+        "r1-searcher or searxng",
+    )
     p.add_argument("--redis-url", help="cache retrieval in Redis (default: in-memory LRU)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from retrieval.remote import RemoteApi
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEARCHAGENT_", protected_namespaces=())
@@ -28,7 +30,7 @@ class Settings(BaseSettings):
     # "dense"), or a remote retrieval server ("remote", at retriever_url speaking retriever_api)
     retriever: Literal["index", "bm25", "dense", "hybrid", "remote"] = "index"
     retriever_url: str | None = None
-    retriever_api: Literal["searchagent", "search-r1", "r1-searcher", "searxng"] = "searchagent"
+    retriever_api: RemoteApi = "searchagent"
     served_model_name: str | None = None  # model id on the API; default: the checkpoint dir name
     tag_format: str | None = None  # preset name overriding the checkpoint's agent.json
     device: str | None = None  # "cpu" / "cuda"; default: cuda when available

@@ -162,6 +162,45 @@ def start_uvicorn(app, port: int):
     return server, thread
 
 
+@pytest.fixture(scope="session")
+def serve_cli():
+    """`with serve_cli(args) as url:` runs `python -m service.cli ARGS --port P` as a real process
+    until `/health` answers (failing the test with its stderr if it exits first); stops it after."""
+    import contextlib
+    import sys
+
+    import httpx
+
+    @contextlib.contextmanager
+    def serve(args: list[str], timeout_s: float = 120):
+        port = free_port()
+        cmd = [sys.executable, "-m", "service.cli", *args, "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None:
+                    pytest.fail(f"{args[0]} exited: {proc.stderr.read().decode()[-2000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{args[0]} did not become healthy within {timeout_s:.0f} s")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    return serve
+
+
 @pytest.fixture
 def serve_app():
     """`url = serve_app(app)`: `app` under a real uvicorn on a free port, stopped at teardown."""

@@ -6,38 +6,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoint, small_index, free_port):
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_checkpoint),
-        "--index", str(small_index), "--port", str(port), "--served-model-name", "demo",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("serve did not become healthy within 120 s")
-        time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=15)
+def served(tiny_checkpoint, small_index, serve_cli):
+    args = ["serve", "--model", str(tiny_checkpoint), "--index", str(small_index),
+            "--served-model-name", "demo"]  # fmt: skip
+    with serve_cli(args) as url:
+        yield url
 
 
 def test_openai_client_streams_and_completes_through_the_agent(served, known_question):

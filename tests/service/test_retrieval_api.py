@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -18,35 +17,10 @@ from retrieval.index import load_index
 from retrieval.remote import RemoteError, RemoteRetriever
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail(f"retrieve-serve exited: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("retrieve-serve did not become healthy")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
-def server(small_index, free_port):
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "service.cli", "retrieve-serve", "--index", str(small_index),
-        "--port", str(port),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url, proc)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=15)
+def server(small_index, serve_cli):
+    with serve_cli(["retrieve-serve", "--index", str(small_index)], timeout_s=60) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
