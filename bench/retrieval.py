@@ -220,6 +220,13 @@ async def bench(args: argparse.Namespace) -> None:
         f"| dense, {args.callers} callers, micro-batched | {merged:.0f} queries/s "
         f"({merged / alone:.1f}x) |"
     )
+    # the batcher's former policy, for comparison: a fixed 2 ms window, batches side by side
+    timer = BatchingRetriever(dense, max_wait_ms=2, max_inflight=args.callers)
+    timed = await throughput(timer, load, args.callers)
+    rows.append(
+        f"| dense, {args.callers} callers, micro-batched, 2 ms window, no in-flight limit | "
+        f"{timed:.0f} queries/s ({timed / alone:.1f}x) |"
+    )
 
     rows += await cache_rows("MemoryCache", MemoryCache(), bm25, queries)
     rows.append(await single_flight_row("MemoryCache", MemoryCache(), dense, queries[0], 16))

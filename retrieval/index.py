@@ -157,7 +157,7 @@ def load_index(
     *,
     encoder_path: str | PathLike[str] | None = None,
     max_batch: int = 64,
-    max_wait_ms: float = 2.0,
+    max_wait_ms: float = 0.0,
     part: str | None = None,
 ) -> Retriever:
     """The retriever stored in `index_dir`, checked against its manifest; else `IndexLoadError`.

@@ -210,3 +210,28 @@ def test_single_caller_is_served_by_the_timer(bm25):
     assert asyncio.run(BatchingRetriever(bm25).search([], 3)) == []
     with pytest.raises(ValueError):
         BatchingRetriever(bm25, max_batch=0)
+
+
+def test_calls_arriving_while_a_batch_runs_become_the_next_batch(bm25):
+    """Guards against: a due window starting a second batch beside the running one (two batches
+    fighting for the same cores), a waiting window never sent when the running batch finishes,
+    and a lone call waiting for a timer when nothing runs."""
+    gated = GatedRetriever(bm25)
+    batcher = BatchingRetriever(gated, max_batch=64)  # max_wait_ms=0, max_inflight=1
+
+    async def main() -> None:
+        first = asyncio.create_task(batcher.search(["Kessel Bridge"], 2))
+        await gated.entered.wait()  # dispatched alone, without waiting: nothing else ran
+        later = [asyncio.create_task(batcher.search([q], 2)) for q in ("bread", "violin")]
+        for _ in range(5):
+            await asyncio.sleep(0)  # their window is due now, but a batch runs
+        assert len(gated.calls) == 1
+        gated.gate.set()
+        got = await asyncio.gather(first, *later)
+        want = [await bm25.search([q], 2) for q in ("Kessel Bridge", "bread", "violin")]
+        assert got == want
+
+    asyncio.run(main())
+    assert [c[0] for c in gated.calls] == [["Kessel Bridge"], ["bread", "violin"]]
+    with pytest.raises(ValueError, match="max_inflight"):
+        BatchingRetriever(bm25, max_inflight=0)

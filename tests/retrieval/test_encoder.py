@@ -74,3 +74,20 @@ def test_loads_offline_and_bm25_path_never_imports_torch(minilm, corpus_file, tm
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env["PATH"] = "/usr/bin:/bin"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
+
+
+def test_onnx_runtime_gives_torch_vectors(minilm):
+    """Guards against: the ONNX Runtime export drifting from torch (an index built with one runtime
+    and searched with the other would rank differently), pooling that ignores the padding mask in
+    the exported graph, and the exporter leaving the torch model in training mode (dropout)."""
+    from retrieval.encoder import Encoder
+
+    assert minilm.runtime == "onnx"  # onnxruntime is part of the `dense` extra
+    on_torch = Encoder(minilm.path, runtime="torch")
+    assert on_torch.runtime == "torch"
+    texts = ["bread", "a painter born in Norvik who later moved to Velmora", "The fox. " * 60]
+    np.testing.assert_allclose(minilm.encode(texts), on_torch.encode(texts), atol=1e-5)
+    assert not minilm._model.training
+    assert minilm.describe() == on_torch.describe()  # same vectors, so the same fingerprint
+    with pytest.raises(ValueError, match="unknown encoder runtime 'tensorrt'"):
+        Encoder(minilm.path, runtime="tensorrt")
