@@ -16,7 +16,7 @@ corpus cannot forge structure.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -35,7 +35,7 @@ from agent.events import (
     Trajectory,
     Usage,
 )
-from agent.prompt import build_prompt
+from agent.prompt import Turn, build_prompt
 from agent.tags import TagFormat
 from agent.tokenizer import Detokenizer
 from retrieval.types import Passage, Retriever
@@ -113,12 +113,22 @@ class AgentLoop:
         self._docs_before = tok.encode(before)
         self._docs_after = tok.encode(after)
 
-    def prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(
+        self, question: str, history: Sequence[Turn] = (), system: str | None = None
+    ) -> list[int]:
         """The prompt for `question`: the format's template (through the checkpoint's chat
-        template for chat formats). The question cannot forge tags or special tokens."""
+        template for chat formats), after earlier turns and a system text (`build_prompt`).
+        No client text can forge tags or special tokens."""
         bos = [self._tok.bos_id] if self._tok.bos_id is not None else []
-        safe = self._tok.defuse(self.fmt.escape(question))
-        return bos + self._tok.encode(build_prompt(self.fmt, self._tok, safe))
+
+        def safe(text: str) -> str:
+            return self._tok.defuse(self.fmt.escape(text))
+
+        turns = [(role, safe(said)) for role, said in history]
+        prompt = build_prompt(
+            self.fmt, self._tok, safe(question), turns, safe(system) if system else None
+        )
+        return bos + self._tok.encode(prompt)
 
     async def run(self, prompt_ids: list[int], params: RunParams) -> AsyncIterator[AgentEvent]:
         p = params.clamp(self.limits)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from agent.checkpoint import load_format, load_tokenizer
 from agent.engine import Engine
@@ -24,6 +25,7 @@ from retrieval.types import Cache, Retriever
 from service.chat import ChatContext
 from service.errors import install_handlers
 from service.metrics import Metrics, MetricsMiddleware
+from service.middleware import Admission, ApiKeys, BodyLimit, RequestLog
 from service.retrieval_api import RetrievalContext
 from service.retrieval_api import router as retrieval_router
 from service.routes import router
@@ -62,7 +64,27 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     app.include_router(retrieval_router)
     paths = frozenset(getattr(r, "path", "") for r in (*router.routes, *retrieval_router.routes))
+    # added innermost first: a request meets them in the reverse order (see service/middleware.py)
+    app.add_middleware(
+        Admission,
+        max_running=settings.max_running_requests,
+        max_queued=settings.max_queued_requests,
+        metrics=metrics,
+        retry_after_s=settings.retry_after_s,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        app.add_middleware(ApiKeys, keys=[k.get_secret_value() for k in settings.api_keys])
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
+    app.add_middleware(RequestLog)
     return app
 
 

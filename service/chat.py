@@ -6,16 +6,20 @@ The answer goes to `content`; thoughts, search tags and injected documents go to
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from agent.engine import SamplingParams
 from agent.events import AgentEvent, Documents, Finished, SearchStarted, Token
 from agent.loop import AgentLoop, RunParams
+from agent.prompt import Turn
+from agent.trace import parse_trace
 from service.errors import BadRequestError, ContextLengthError, ModelNotFoundError, error_body
 from service.metrics import Metrics
 from service.protocol import (
@@ -23,6 +27,7 @@ from service.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     Choice,
     Delta,
     StreamChoice,
@@ -45,41 +50,104 @@ class ChatContext:
     metrics: Metrics
 
 
+TraceMode = Literal["reasoning", "content", "none"]
+
+
 @dataclass
 class RunState:
-    """Per-choice accumulation of an agent run (one dataclass, not parallel lists)."""
+    """Per-choice accumulation of an agent run: what the client is sent, and when.
 
+    `trace` decides where the trace (thoughts, search tags, documents) goes: `reasoning_content`
+    (default), `content` (the raw trace, the answer inside the format's answer tags), or nowhere.
+    `stops` are the client's stop strings, matched in the answer: text that could still become
+    one is held back, and a match ends the visible answer there (finish_reason "stop"). The run
+    itself goes on to its end — answers are short, and the usage stays exact.
+    """
+
+    trace_mode: TraceMode = "reasoning"
+    stops: tuple[str, ...] = ()
+    answer_tags: tuple[str, str] = ("", "")  # the format's answer tags, for trace_mode content
     reasoning: list[str] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
     trace: list[TraceSearch] = field(default_factory=list)
     finished: Finished | None = None
+    stopped: bool = False  # a stop string ended the answer
+    _answer: str = ""  # the answer channel's text so far
+    _sent: int = 0  # how much of `_answer` went out
+    _answer_open: bool = False  # trace_mode content: the answer-open tag went out
+    _final_sent: bool = False
 
     def add(self, event: AgentEvent) -> Delta | None:
         """Record an event; the delta to stream for it, if any."""
         if isinstance(event, Token):
             if event.channel == "answer":
-                self.content.append(event.text)
-                return Delta(content=event.text)
-            self.reasoning.append(event.text)
-            return Delta(reasoning_content=event.text, reasoning=event.text)
+                text = self._answer_text(event.text)
+                return Delta(content=text) if text else None
+            return self._trace_text(event.text)
         if isinstance(event, Documents):
-            self.reasoning.append(event.text)
             passages = [TracePassage(id=p.id, title=p.title, score=p.score) for p in event.passages]
             self.trace.append(TraceSearch(query=event.query, passages=passages, error=event.error))
-            return Delta(reasoning_content=event.text, reasoning=event.text)
+            return self._trace_text(event.text)
         if isinstance(event, Finished):
             self.finished = event
         return None
 
-    def unstreamed_answer(self) -> str | None:
-        """The loop's fallback answer (no answer tags: the text after the last documents) when
-        nothing reached the answer channel; sent as content so both paths agree."""
-        assert self.finished is not None
-        answer = self.finished.trajectory.answer
-        if self.content or not answer:
+    def _trace_text(self, text: str) -> Delta | None:
+        if self.trace_mode == "none" or not text:
             return None
-        self.content.append(answer)
-        return answer
+        if self.trace_mode == "content":
+            self.content.append(text)
+            return Delta(content=text)
+        self.reasoning.append(text)
+        return Delta(reasoning_content=text, reasoning=text)
+
+    def _answer_text(self, text: str) -> str:
+        """Add answer text; what of it can go out now (stop strings decided)."""
+        if self.stopped:
+            return ""
+        self._answer += text
+        hits = [pos for s in self.stops if (pos := self._answer.find(s)) >= 0]
+        if hits:
+            end, self.stopped = min(hits), True
+        else:
+            end = len(self._answer) - undecided_tail(self._answer, self.stops)
+        out = self._answer[self._sent : end]
+        self._sent = max(self._sent, end)
+        if self.trace_mode == "content" and not self._answer_open and (out or self.stopped):
+            out, self._answer_open = self.answer_tags[0] + out, True
+        if out:
+            self.content.append(out)
+        return out
+
+    def final_text(self) -> str | None:
+        """Content still owed at the end, once: the loop's fallback answer (no answer tags: the
+        text after the last documents) when nothing reached the answer channel, a held-back tail
+        that never became a stop string, and in trace_mode content the answer-close tag."""
+        assert self.finished is not None
+        if self._final_sent:
+            return None
+        self._final_sent = True
+        out = ""
+        fallback = self.finished.trajectory.answer
+        if not self._answer and fallback:
+            out += self._answer_text(fallback)
+        if not self.stopped and self._sent < len(self._answer):
+            tail = self._answer[self._sent :]
+            self._sent = len(self._answer)
+            self.content.append(tail)
+            out += tail
+        if self._answer_open:
+            self.content.append(self.answer_tags[1])
+            out += self.answer_tags[1]
+        return out or None
+
+    @property
+    def finish_reason(self) -> Literal["stop", "length"]:
+        assert self.finished is not None
+        return "stop" if self.stopped else self.finished.reason
+
+    def search_trace(self) -> list[TraceSearch] | None:
+        return None if self.trace_mode == "none" else self.trace
 
     def usage(self) -> Usage:
         assert self.finished is not None
@@ -91,6 +159,31 @@ class RunState:
             retrieved_tokens=u.retrieved_tokens,
             searches=u.searches,
         )
+
+
+def undecided_tail(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    longest = min(len(text), max((len(s) for s in stops), default=1) - 1)
+    for k in range(longest, 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+def total_usage(states: list[RunState]) -> Usage:
+    """One usage for n choices: the prompt once (as OpenAI counts it), the rest summed."""
+    each = [s.usage() for s in states]
+    prompt = each[0].prompt_tokens
+    completion = sum(u.completion_tokens for u in each)
+    retrieved = sum(u.retrieved_tokens for u in each)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion + retrieved,
+        retrieved_tokens=retrieved,
+        searches=sum(u.searches for u in each),
+    )
 
 
 def check_model(ctx: ChatContext, model: str) -> None:
@@ -118,28 +211,87 @@ def sampling_params(
     )
 
 
-def prepare(ctx: ChatContext, req: ChatCompletionRequest) -> tuple[list[int], RunParams]:
+@dataclass
+class ChatRun:
+    """A validated chat request: the prompt and what each of its `n` runs needs."""
+
+    prompt_ids: list[int]
+    params: RunParams
+    n: int
+    trace_mode: TraceMode
+    stops: tuple[str, ...]
+
+    def new_state(self, ctx: ChatContext) -> RunState:
+        fmt = ctx.loop.fmt
+        return RunState(self.trace_mode, self.stops, (fmt.answer_open, fmt.answer_close))
+
+    def params_for(self, index: int) -> RunParams:
+        """Choice `index`'s parameters: with a seed, each choice gets its own (seed + index)."""
+        seed = self.params.sampling.seed
+        if seed is None or index == 0:
+            return self.params
+        return replace(self.params, sampling=replace(self.params.sampling, seed=seed + index))
+
+
+def conversation(
+    ctx: ChatContext, messages: list[ChatMessage]
+) -> tuple[str, list[Turn], str | None]:
+    """(question, earlier turns, system text) from OpenAI messages. The question is the last
+    user message; an assistant turn contributes its answer, not its trace (the text inside the
+    format's answer tags when the client sent a raw trace back)."""
+    if any(m.role == "tool" for m in messages):
+        raise BadRequestError(_NO_TOOLS, param="messages")
+    last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    if last is None or not messages[last].text().strip():
+        raise BadRequestError("messages must contain a non-empty user message", param="messages")
+    if last != len(messages) - 1:
+        raise BadRequestError(
+            "the last message must be the user's: this server answers a question, it does not "
+            "continue an assistant message",
+            param="messages",
+        )
+    system = "\n".join(m.text() for m in messages if m.role in ("system", "developer"))
+    turns: list[Turn] = []
+    for m in messages[:last]:
+        if m.role == "user":
+            turns.append(("user", m.text()))
+        elif m.role == "assistant" and m.text().strip():
+            parsed = parse_trace(m.text(), ctx.loop.fmt)
+            turns.append(("assistant", parsed.answer if parsed.answer else m.text()))
+    return messages[last].text(), turns, system or None
+
+
+_NO_TOOLS = (
+    "this server does not call client tools: search is built in — the model searches on its "
+    "own, and the response's reasoning_content and search_trace show what it searched"
+)
+
+
+def prepare(ctx: ChatContext, req: ChatCompletionRequest) -> ChatRun:
     """Validate the request against the served model and build the loop's inputs."""
     check_model(ctx, req.model)
+    if req.tools or req.functions:
+        raise BadRequestError(_NO_TOOLS, param="tools" if req.tools else "functions")
     if req.model_extra:
         log.info("ignoring unknown request fields: %s", sorted(req.model_extra))
-    users = [m for m in req.messages if m.role == "user"]
-    if not users or not users[-1].text().strip():
-        raise BadRequestError("messages must contain a non-empty user message", param="messages")
-    prompt_ids = ctx.loop.prompt_ids(users[-1].text())
+    question, turns, system = conversation(ctx, req.messages)
+    prompt_ids = ctx.loop.prompt_ids(question, turns, system)
     check_context(ctx, prompt_ids, "messages")
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     params = RunParams(
         sampling=sampling_params(req.temperature, req.top_p, req.seed),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         max_searches=req.max_searches,
         top_k=req.top_k,
     )
-    return prompt_ids, params
+    return ChatRun(prompt_ids, params, req.n, req.trace, tuple(s for s in stops if s))
 
 
-async def collect(ctx: ChatContext, prompt_ids: list[int], params: RunParams) -> RunState:
+async def collect(
+    ctx: ChatContext, prompt_ids: list[int], params: RunParams, state: RunState | None = None
+) -> RunState:
     """Run the loop to the end (non-streaming)."""
-    state = RunState()
+    state = RunState() if state is None else state
     ctx.metrics.running.inc()
     try:
         async with aclosing(ctx.loop.run(prompt_ids, params)) as events:
@@ -158,18 +310,23 @@ async def run_deltas(
     """Run the loop into `state` (streaming): each delta to send, and None when a search starts
     (the caller sends a keep-alive comment)."""
     start = time.perf_counter()
-    first_token = True
+    last: float | None = None
+    gap = False  # whether the time since `last` is one between two sampled deltas
     ctx.metrics.running.inc()
     try:
         async with aclosing(ctx.loop.run(prompt_ids, params)) as events:
             async for event in events:
                 if isinstance(event, SearchStarted):
+                    gap = False  # retrieval time is not inter-token latency
                     yield None
                 delta = state.add(event)
                 if delta is not None:
-                    if first_token:
-                        ctx.metrics.ttft.observe(time.perf_counter() - start)
-                        first_token = False
+                    now_s = time.perf_counter()
+                    if last is None:
+                        ctx.metrics.ttft.observe(now_s - start)
+                    elif gap and isinstance(event, Token):
+                        ctx.metrics.inter_token.observe(now_s - last)
+                    last, gap = now_s, isinstance(event, Token)
                     yield delta
     finally:
         ctx.metrics.running.dec()
@@ -192,34 +349,37 @@ async def sse(frames: AsyncIterator[str]) -> AsyncIterator[str]:
 
 
 async def complete(ctx: ChatContext, req: ChatCompletionRequest) -> ChatCompletionResponse:
-    prompt_ids, params = prepare(ctx, req)
-    state = await collect(ctx, prompt_ids, params)
-    assert state.finished is not None
-    reasoning = "".join(state.reasoning) or None
-    message = AssistantMessage(
-        content=state.unstreamed_answer() or "".join(state.content),
-        reasoning_content=reasoning,
-        reasoning=reasoning,
+    run = prepare(ctx, req)
+    states = [run.new_state(ctx) for _ in range(run.n)]
+    await asyncio.gather(
+        *(collect(ctx, run.prompt_ids, run.params_for(i), st) for i, st in enumerate(states))
     )
+    choices = []
+    for i, state in enumerate(states):
+        state.final_text()
+        reasoning = "".join(state.reasoning) or None
+        message = AssistantMessage(
+            content="".join(state.content), reasoning_content=reasoning, reasoning=reasoning
+        )
+        choices.append(Choice(index=i, message=message, finish_reason=state.finish_reason))
+    trace = None if run.trace_mode == "none" else [t for st in states for t in st.trace]
     return ChatCompletionResponse(
         id=completion_id(),
         created=now(),
         model=ctx.model_id,
-        choices=[Choice(index=0, message=message, finish_reason=state.finished.reason)],
-        usage=state.usage(),
-        search_trace=state.trace,
+        choices=choices,
+        usage=total_usage(states),
+        search_trace=trace,
     )
 
 
-def stream(
-    ctx: ChatContext, req: ChatCompletionRequest, prompt_ids: list[int], params: RunParams
-) -> AsyncIterator[str]:
+def stream(ctx: ChatContext, req: ChatCompletionRequest, run: ChatRun) -> AsyncIterator[str]:
     """SSE frames in vLLM's format. `prepare` already ran."""
-    return sse(_chat_frames(ctx, req, prompt_ids, params))
+    return sse(_chat_frames(ctx, req, run))
 
 
 async def _chat_frames(
-    ctx: ChatContext, req: ChatCompletionRequest, prompt_ids: list[int], params: RunParams
+    ctx: ChatContext, req: ChatCompletionRequest, run: ChatRun
 ) -> AsyncIterator[str]:
     cid, created = completion_id(), now()
 
@@ -229,22 +389,70 @@ async def _chat_frames(
         )
         return f"data: {chunk.model_dump_json()}\n\n"
 
-    state = RunState()
-    yield frame([StreamChoice(index=0, delta=Delta(role="assistant", content=""))])
-    async with aclosing(run_deltas(ctx, prompt_ids, params, state)) as deltas:
+    states = [run.new_state(ctx) for _ in range(run.n)]
+    for i in range(run.n):
+        yield frame([StreamChoice(index=i, delta=Delta(role="assistant", content=""))])
+    runs = [_choice_frames(ctx, run, i, state, frame) for i, state in enumerate(states)]
+    async with aclosing(merge(runs)) as frames:
+        async for text in frames:
+            yield text
+    if req.stream_options and req.stream_options.include_usage:
+        yield frame([], usage=total_usage(states))
+
+
+async def _choice_frames(
+    ctx: ChatContext, run: ChatRun, index: int, state: RunState, frame
+) -> AsyncIterator[str]:
+    """One choice's frames: its deltas, keep-alives, then its final frame."""
+    params = run.params_for(index)
+    async with aclosing(run_deltas(ctx, run.prompt_ids, params, state)) as deltas:
         async for delta in deltas:
             if delta is None:
                 yield ": searching\n\n"  # SSE comment: keeps proxies and clients waiting
             else:
-                yield frame([StreamChoice(index=0, delta=delta)])
-    assert state.finished is not None
-    late = state.unstreamed_answer()
+                yield frame([StreamChoice(index=index, delta=delta)])
+    late = state.final_text()
     if late is not None:
-        yield frame([StreamChoice(index=0, delta=Delta(content=late))])
-    final = StreamChoice(index=0, delta=Delta(), finish_reason=state.finished.reason)
-    yield frame([final], search_trace=state.trace)
-    if req.stream_options and req.stream_options.include_usage:
-        yield frame([], usage=state.usage())
+        yield frame([StreamChoice(index=index, delta=Delta(content=late))])
+    final = StreamChoice(index=index, delta=Delta(), finish_reason=state.finish_reason)
+    yield frame([final], search_trace=state.search_trace())
+
+
+async def merge(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
+    """Items of several async iterators as they come. One stream is passed through as is; for
+    more, each is drained by a task into a queue. Closing the merge (client gone) cancels every
+    task, which closes its iterator and so its agent run; an error in one ends the merge."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield item
+        return
+    queue: asyncio.Queue[tuple[str | None, BaseException | None]] = asyncio.Queue(16)
+
+    async def drain(it: AsyncIterator[str]) -> None:
+        try:
+            async with aclosing(it):
+                async for item in it:
+                    await queue.put((item, None))
+            await queue.put((None, None))
+        except Exception as exc:  # noqa: BLE001 — handed to the consumer
+            await queue.put((None, exc))
+
+    tasks = [asyncio.create_task(drain(it)) for it in streams]
+    try:
+        done = 0
+        while done < len(tasks):
+            item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is None:
+                done += 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _count(metrics: Metrics, state: RunState) -> None:

@@ -53,6 +53,7 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
     from agent.openai_engine import EngineError
     from retrieval.index import IndexLoadError
     from service.app import create_app
+    from service.middleware import json_logging
     from service.settings import Settings
 
     overrides |= {
@@ -63,6 +64,10 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
         "retriever": args.retriever,
         "retriever_url": args.retriever_url,
         "retriever_api": args.retriever_api,
+        "api_keys": args.api_key,
+        "cors_origins": args.cors_origin,
+        "max_running_requests": args.max_running_requests,
+        "max_queued_requests": args.max_queued_requests,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     if not with_model:
@@ -82,7 +87,16 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
         app = create_app(settings)
     except (IndexLoadError, EngineError, OSError, ValueError, KeyError) as exc:
         _fail(f"cannot start: {exc}")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    log_config = json_logging(settings.log_level) if settings.log_json else None
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=log_config,
+        access_log=not settings.log_json,  # JSON mode: RequestLog writes the access lines
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+    )
 
 
 def _index_build(args: argparse.Namespace) -> None:
@@ -298,6 +312,15 @@ def _server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", help="cache retrieval in Redis (default: in-memory LRU)")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument(
+        "--api-key",
+        action="append",
+        help="require this Bearer key (repeat for several; prefer SEARCHAGENT_API_KEYS, since "
+        "arguments show in process listings)",
+    )
+    p.add_argument("--cors-origin", action="append", help="allow this browser origin (repeat)")
+    p.add_argument("--max-running-requests", type=int, help="generation requests at once")
+    p.add_argument("--max-queued-requests", type=int, help="waiting beyond that, then 429")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,7 @@ from service.chat import (
     run_deltas,
     sampling_params,
     sse,
+    undecided_tail,
 )
 from service.errors import BadRequestError
 from service.protocol import (
@@ -143,7 +144,8 @@ class TextState:
                 shown = shown[:-1]  # as vLLM: the stop token's id is kept, its text is not
         self.text += self.detok.push([i for i in shown if i not in self.skip_ids])
         if chunk.finish_reason is None:
-            end = len(self.text) - (0 if self.include_stop else _undecided(self.text, self.stops))
+            held = 0 if self.include_stop else undecided_tail(self.text, self.stops)
+            end = len(self.text) - held
         else:
             self.text += self.detok.flush()
             end = self._end(chunk.stop_str)
@@ -158,16 +160,6 @@ class TextState:
         if pos < 0:  # no stop string, or one hidden by skipped special tokens
             return len(self.text)
         return pos + (len(stop_str) if self.include_stop and stop_str else 0)
-
-
-def _undecided(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    longest = min(len(text), max((len(s) for s in stops), default=1) - 1)
-    for k in range(longest, 0, -1):
-        tail = text[-k:]
-        if any(s.startswith(tail) for s in stops):
-            return k
-    return 0
 
 
 @functools.cache
@@ -294,10 +286,11 @@ class AgentCompletion:
     async def complete(self) -> CompletionResponse:
         state = await collect(self.ctx, self.prompt_ids, self.params)
         assert state.finished is not None
+        state.final_text()  # into state.content
         choice = CompletionChoice(
             index=0,
-            text=state.unstreamed_answer() or "".join(state.content),
-            finish_reason=state.finished.reason,
+            text="".join(state.content),
+            finish_reason=state.finish_reason,
             reasoning_content="".join(state.reasoning) or None,
         )
         return CompletionResponse(
@@ -336,10 +329,10 @@ class AgentCompletion:
                     ]
                 )
         assert state.finished is not None
-        late = state.unstreamed_answer()
+        late = state.final_text()
         if late is not None:
             yield frame([CompletionStreamChoice(index=0, text=late)])
-        final = CompletionStreamChoice(index=0, text="", finish_reason=state.finished.reason)
+        final = CompletionStreamChoice(index=0, text="", finish_reason=state.finish_reason)
         yield frame([final], search_trace=state.trace)
         if self.req.stream_options and self.req.stream_options.include_usage:
             yield frame([], usage=state.usage())

@@ -34,6 +34,8 @@ TTFT_BUCKETS = (
     5.0,
     10.0,
 )
+# vLLM's inter-token latency buckets
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 RETRIEVAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -79,7 +81,23 @@ class Metrics:
         self.retrieved_tokens = Counter(
             "searchagent_retrieved_tokens", "Document tokens injected by the loop.", registry=r
         )
+        self.inter_token = Histogram(
+            "searchagent_inter_token_latency_seconds",
+            "Time between consecutive streamed deltas of one run.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("searchagent_requests_running", "Agent runs in progress.", registry=r)
+        self.waiting = Gauge(
+            "searchagent_requests_waiting",
+            "Generation requests queued for a slot (max_running_requests).",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "searchagent_requests_rejected",
+            "Generation requests refused with 429: every slot taken and the queue full.",
+            registry=r,
+        )
 
     def watch_cache(self, cached: object) -> None:
         self.registry.register(_CacheCollector(cached))

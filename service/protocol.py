@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -33,6 +33,9 @@ def now() -> int:
 
 
 # -- requests -------------------------------------------------------------------------------
+
+MAX_N = 8  # choices per chat request (each one a whole agent run)
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
 
 
 class TextPart(BaseModel):
@@ -70,10 +73,17 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)  # several agent runs per request: a later issue
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP)  # ends the answer
+    n: int = Field(default=1, ge=1, le=MAX_N)  # each choice its own agent run
     user: str | None = None
+    # refused with a clear 400 (search is built in), but parsed so the message can say so
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
     max_searches: int | None = Field(default=None, ge=0)  # ext
     top_k: int | None = Field(default=None, ge=1)  # ext: passages per search
+    # ext: where the trace goes — reasoning_content (default), the content itself, or nowhere
+    trace: Literal["reasoning", "content", "none"] = "reasoning"
 
 
 class CompletionRequest(BaseModel):
@@ -151,7 +161,11 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    search_trace: list[TraceSearch] = []  # ext
+    search_trace: list[TraceSearch] | None = None  # ext (absent with trace "none")
+
+    @model_serializer(mode="wrap")
+    def _sparse(self, handler: SerializerFunctionWrapHandler) -> dict:
+        return _drop_none(handler(self), ("search_trace",))
 
 
 class Delta(BaseModel):
@@ -179,7 +193,11 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[StreamChoice]
     usage: Usage | None = None
-    search_trace: list[TraceSearch] | None = None  # ext: on the final chunk
+    search_trace: list[TraceSearch] | None = None  # ext: on each choice's final chunk
+
+    @model_serializer(mode="wrap")
+    def _sparse(self, handler: SerializerFunctionWrapHandler) -> dict:
+        return _drop_none(handler(self), ("search_trace",))
 
 
 def _drop_none(data: dict, keys: tuple[str, ...]) -> dict:

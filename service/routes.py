@@ -44,8 +44,8 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(req: ChatCompletionRequest, ctx: ChatDep) -> Response:
     if req.stream:
-        prompt_ids, params = chat.prepare(ctx, req)  # errors before the first byte are HTTP errors
-        frames = chat.stream(ctx, req, prompt_ids, params)
+        run = chat.prepare(ctx, req)  # errors before the first byte are HTTP errors
+        frames = chat.stream(ctx, req, run)
         return StreamingResponse(frames, media_type="text/event-stream")
     response = await chat.complete(ctx, req)
     return JSONResponse(response.model_dump())

@@ -6,11 +6,12 @@ checkpoint or index at start-up with a one-line message.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from retrieval.remote import RemoteApi
 
@@ -68,7 +69,38 @@ class Settings(BaseSettings):
     max_retrieve_queries: int = Field(default=512, ge=1)
     max_query_chars: int = Field(default=2048, ge=1)
 
+    # limits: generation requests beyond max_running wait in a queue of max_queued, then 429
+    max_running_requests: int = Field(default=16, ge=1)
+    max_queued_requests: int = Field(default=64, ge=0)
+    retry_after_s: int = Field(default=1, ge=0)  # the 429's Retry-After
+    max_body_bytes: int = Field(default=1_000_000, ge=1)  # larger request bodies get a 413
+    drain_timeout_s: float = Field(default=30.0, ge=0)  # SIGTERM: in-flight requests may finish
+
+    # security: Bearer API keys (none = open), e.g. SEARCHAGENT_API_KEYS=key1,key2 or a JSON
+    # list; browser origins allowed by CORS (none = no CORS headers)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     log_level: str = "info"
+    log_json: bool = True  # JSON lines on stderr (`searchagent serve`)
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """From the environment: `a,b` or a JSON list."""
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return [v.strip() for v in value.split(",") if v.strip()]
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            if not key.get_secret_value() or any(c.isspace() for c in key.get_secret_value()):
+                raise ValueError("an API key must be non-empty and contain no whitespace")
+        return value
 
     @field_validator("model")
     @classmethod

@@ -16,8 +16,8 @@ def test_fallback_answer_is_sent_once_when_no_answer_tags_were_streamed():
     state = RunState()
     state.add(Token("<think> it is Velmora", [5], "reasoning"))
     state.add(finished("it is Velmora"))
-    assert state.unstreamed_answer() == "it is Velmora"
-    assert state.unstreamed_answer() is None
+    assert state.final_text() == "it is Velmora"
+    assert state.final_text() is None
     assert "".join(state.content) == "it is Velmora"
 
 
@@ -26,5 +26,5 @@ def test_streamed_answer_is_not_repeated():
     state = RunState()
     state.add(Token("Velmora", [7], "answer"))
     state.add(finished("Velmora"))
-    assert state.unstreamed_answer() is None
+    assert state.final_text() is None
     assert "".join(state.content) == "Velmora"

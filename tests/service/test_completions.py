@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from service.completions import _undecided
+from service.chat import undecided_tail as _undecided
 
 DEMO = Path(__file__).resolve().parents[2] / "artifacts" / "demo"
 

@@ -1,0 +1,293 @@
+"""Benchmark: the served API under bounded load, and what HTTP + SSE cost over the bare loop.
+
+A closed-loop load generator: at each concurrency C, C workers pull from a shared list of exactly
+N chat requests (demo test questions, greedy, a fixed `max_tokens`), each taking the next when its
+previous one ends. The same requests run two ways, interleaved per level:
+
+- **http**: `searchagent serve` as a subprocess (its own process, so client and server do not
+  share a GIL), driven with httpx streaming `POST /v1/chat/completions` (`stream: true`,
+  `include_usage`). TTFT is the first non-empty `content`/`reasoning_content` delta; inter-token
+  latency (ITL) the gaps between consecutive deltas; tokens come from the usage chunk.
+- **in-process**: the same app objects built here (`create_app(settings).state.chat`), each
+  request through `service.chat.prepare` exactly as the route does, then `ctx.loop.run` driven
+  directly. TTFT is the first Token/Documents event with text; ITL the gaps between them; tokens
+  from the Finished event's usage.
+
+Reported per mode: requests/s, generated tokens/s, TTFT p50/p95, ITL p50, end-to-end latency
+p50/p95; per level the HTTP overhead, 1 - (http req/s / in-process req/s), and the e2e p50 ratio
+(acceptance: overhead <= 10%). ITL includes the gaps across searches in both modes. Each mode has
+its own engine and sees the same request sequence; each (level, round) gets fresh questions, so
+neither the retrieval cache nor parked sessions hold a measured request ahead of time. Greedy
+runs do identical work: the modes' per-request token counts are compared and a mismatch printed.
+
+    PYTHONPATH=. .venv/bin/python -m bench.serve --model artifacts/demo/sft \\
+        --index artifacts/demo/index --requests 64 --concurrency 1,4,16 --max-tokens 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import httpx
+
+from agent.events import Documents, Finished, Token
+from bench.stats import percentile
+from service.app import create_app
+from service.chat import ChatContext, prepare
+from service.protocol import ChatCompletionRequest
+from service.settings import Settings
+
+DEMO = Path("artifacts/demo")
+MODEL_NAME = "bench"
+
+
+@dataclass
+class Sample:
+    """One request as its client saw it (seconds)."""
+
+    ttft: float
+    gaps: list[float]
+    e2e: float
+    tokens: int
+
+
+@dataclass
+class Run:
+    """One mode at one concurrency level: wall seconds and the samples in request order."""
+
+    wall: float
+    samples: list[Sample]
+
+
+def sample(start: float, stamps: list[float], end: float, tokens: int | None) -> Sample:
+    """From the request's start, the arrival time of each delta, and its end."""
+    assert tokens is not None, "the request ended without usage"
+    ttft = (stamps[0] if stamps else end) - start
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    return Sample(ttft, gaps, end - start, tokens)
+
+
+async def http_one(client: httpx.AsyncClient, body: dict) -> Sample:
+    start = time.perf_counter()
+    stamps: list[float] = []
+    tokens = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:500]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue  # blank separators and ": searching" keep-alives
+            if line == "data: [DONE]":
+                break
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"error frame: {chunk['error']}")
+            for choice in chunk["choices"]:
+                delta = choice["delta"]
+                if delta.get("content") or delta.get("reasoning_content"):
+                    stamps.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return sample(start, stamps, time.perf_counter(), tokens)
+
+
+async def inprocess_one(ctx: ChatContext, body: dict) -> Sample:
+    start = time.perf_counter()
+    run = prepare(ctx, ChatCompletionRequest.model_validate(body))
+    stamps: list[float] = []
+    tokens = None
+    async with aclosing(ctx.loop.run(run.prompt_ids, run.params)) as events:
+        async for event in events:
+            if isinstance(event, Token | Documents) and event.text:
+                stamps.append(time.perf_counter())
+            elif isinstance(event, Finished):
+                tokens = event.usage.completion_tokens
+    return sample(start, stamps, time.perf_counter(), tokens)
+
+
+async def closed_loop(
+    one: Callable[[dict], Awaitable[Sample]], bodies: list[dict], concurrency: int
+) -> Run:
+    """`concurrency` workers pull the next request as soon as their previous one ends."""
+    results: list[Sample | None] = [None] * len(bodies)
+    todo = iter(enumerate(bodies))
+
+    async def worker() -> None:
+        for i, body in todo:
+            results[i] = await one(body)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Run(time.perf_counter() - start, results)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server(cmd: list[str]) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`cmd` running, its stderr in a scratch file (a pipe nobody reads would fill and block)."""
+    log = Path(tempfile.mkstemp(prefix="bench-serve-", suffix=".log")[1])
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        yield proc, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.unlink()
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            sys.exit(f"the server exited:\n{log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            sys.exit(f"the server was not ready within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def summary(runs: list[Run]) -> dict[str, float]:
+    samples = [s for r in runs for s in r.samples]
+    wall = sum(r.wall for r in runs)
+    ttft = [s.ttft for s in samples]
+    e2e = [s.e2e for s in samples]
+    gaps = [g for s in samples for g in s.gaps]
+    return {
+        "rps": len(samples) / wall,
+        "tps": sum(s.tokens for s in samples) / wall,
+        "ttft50": percentile(ttft, 0.5) * 1e3,
+        "ttft95": percentile(ttft, 0.95) * 1e3,
+        "itl50": percentile(gaps, 0.5) * 1e3 if gaps else float("nan"),
+        "e2e50": statistics.median(e2e),
+        "e2e95": percentile(e2e, 0.95),
+    }
+
+
+def load_questions(path: Path) -> list[str]:
+    if not path.exists():
+        from training.demo import build_demo_data
+
+        build_demo_data(DEMO)
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r["question"] for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", type=Path, default=DEMO / "sft")
+    p.add_argument("--index", type=Path, default=DEMO / "index")
+    p.add_argument("--data", type=Path, default=DEMO / "world" / "test.jsonl")
+    p.add_argument("--requests", type=int, default=64, help="per level, per mode, per round")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated levels")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--rounds", type=int, default=1, help="per level; the mode order alternates")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    args = p.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    max_running = max(64, *levels)  # nothing queues in the server's admission
+    questions = load_questions(args.data)
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(args.model),
+           "--index", str(args.index), "--served-model-name", MODEL_NAME, "--port", str(port),
+           "--max-running-requests", str(max_running)]  # fmt: skip
+    if args.device:
+        cmd += ["--device", args.device]
+    print(f"command: python -m bench.serve {shlex.join(sys.argv[1:])}")
+    print(f"server: {shlex.join(cmd)}")
+    print(
+        f"{args.requests} requests per level, mode and round; concurrency {levels}; "
+        f"{args.rounds} round(s); greedy, max_tokens {args.max_tokens}; "
+        f"device {args.device or 'auto'}; {os.cpu_count()} cpus; questions from {args.data}"
+    )
+
+    def body(question: str) -> dict:
+        return {
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": question}],
+            "temperature": 0,
+            "max_tokens": args.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    # the server loads in its process while the in-process app loads here
+    with server(cmd) as (proc, log):
+        settings = Settings(
+            model=args.model, index=args.index, served_model_name=MODEL_NAME,
+            max_running_requests=max_running, device=args.device,
+        )  # fmt: skip
+        ctx: ChatContext = create_app(settings).state.chat
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc, log)
+        asyncio.run(bench(args, levels, url, ctx, [body(q) for q in questions]))
+
+
+async def bench(
+    args: argparse.Namespace, levels: list[int], url: str, ctx: ChatContext, bodies: list[dict]
+) -> None:
+    limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        modes = {"http": partial(http_one, client), "in-process": partial(inprocess_one, ctx)}
+        for one in modes.values():  # warm-up: threads, allocator, connection
+            await one(bodies[-1])
+        print("| concurrency | mode | req/s | gen tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms "
+              "| e2e p50 s | e2e p95 s |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        start, mismatches = 0, 0
+        for c in levels:
+            runs: dict[str, list[Run]] = {m: [] for m in modes}
+            for r in range(args.rounds):
+                chunk = [bodies[(start + i) % (len(bodies) - 1)] for i in range(args.requests)]
+                start += args.requests
+                order = list(modes) if r % 2 == 0 else list(reversed(modes))
+                for mode in order:
+                    runs[mode].append(await closed_loop(modes[mode], chunk, c))
+                http, local = runs["http"][-1], runs["in-process"][-1]
+                mismatches += sum(
+                    a.tokens != b.tokens for a, b in zip(http.samples, local.samples, strict=True)
+                )
+            stats = {m: summary(rs) for m, rs in runs.items()}
+            for mode, s in stats.items():
+                print(f"| {c} | {mode} | {s['rps']:.2f} | {s['tps']:.0f} | {s['ttft50']:.0f} | "
+                      f"{s['ttft95']:.0f} | {s['itl50']:.1f} | {s['e2e50']:.2f} | "
+                      f"{s['e2e95']:.2f} |")  # fmt: skip
+            h, i = stats["http"], stats["in-process"]
+            print(f"| {c} | **HTTP overhead** | {1 - h['rps'] / i['rps']:.1%} | | | | | "
+                  f"{h['e2e50'] / i['e2e50']:.2f}x | |")  # fmt: skip
+    if mismatches:
+        print(f"WARNING: {mismatches} requests generated a different number of tokens over HTTP")
+    else:
+        print("every request generated the same number of tokens in both modes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Pure ASGI middleware: request ids and JSON request logs, API keys, body size, admission.
+
+Pure ASGI (not `BaseHTTPMiddleware`) so streaming responses and client disconnects pass through
+untouched. Outermost first, as `service.app.create_app` installs them:
+
+    RequestLog -> Metrics -> CORS -> ApiKeys -> BodyLimit -> Admission -> routes
+
+Each refusal is an OpenAI-shaped error body with the status vLLM and OpenAI use: 401 for a
+missing or wrong key, 413 for a body over the limit, 429 (with `Retry-After`) when every
+generation slot is taken and the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_body
+
+log = logging.getLogger("searchagent.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client id we echo and log as is
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes need no key
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """A complete JSON error response, sent straight from middleware."""
+    body = json.dumps(error_body(message, type_, None, code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+class RequestLog:
+    """Honours a well-formed `X-Request-ID` (else makes one), echoes it on the response, and logs
+    one JSON line per finished request: id, method, path, status, duration. No headers, bodies
+    or query strings are logged (they may hold keys or user text)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = (_header(scope, REQUEST_ID_HEADER) or b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers", []) if h[0] != REQUEST_ID_HEADER]
+                headers.append((REQUEST_ID_HEADER, request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info(
+                "request",
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                },
+            )
+
+
+class ApiKeys:
+    """Bearer keys: every path but the probes and `/metrics` needs one of `keys`. Each presented
+    key is compared with every configured key in constant time (`hmac.compare_digest`), so the
+    time taken says nothing about how much of a key was right or which key matched."""
+
+    def __init__(self, app: ASGIApp, keys: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _allowed(self, scope: Scope) -> bool:
+        header = _header(scope, b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(token, key)
+        return matched
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        if not self._allowed(scope):
+            await send_error(
+                send,
+                401,
+                "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`.",
+                "invalid_request_error",
+                "invalid_api_key",
+                headers=[(b"www-authenticate", b"Bearer")],
+            )
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuses a request body over `max_bytes` with 413: at once from `Content-Length`; a body
+    sent without one (chunked) is read here first, up to the limit, and handed on whole (the
+    framework would otherwise turn a failure while reading into a generic 400)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _too_large(self, send: Send) -> None:
+        await send_error(
+            send,
+            413,
+            f"Request body too large: the limit is {self.max_bytes} bytes.",
+            "invalid_request_error",
+            "request_too_large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                await self._too_large(send)
+                return
+            await self.app(scope, receive, send)  # the server holds the body to its length
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later: the disconnect message
+
+        await self.app(scope, replay, send)
+
+
+class Admission:
+    """At most `max_running` generation requests at once, `max_queued` more waiting (first come,
+    first served); beyond that a 429 with `Retry-After` at once, so clients back off instead of
+    piling up. A slot is held until the response's last byte, streams included. Other routes
+    (probes, metrics, retrieval, models) are never queued."""
+
+    def __init__(
+        self, app: ASGIApp, max_running: int, max_queued: int, metrics: object, retry_after_s: int
+    ) -> None:
+        self.app = app
+        self.max_running = max_running
+        self.max_queued = max_queued
+        self.retry_after = str(retry_after_s).encode()
+        self.metrics = metrics
+        self.running = 0
+        self.queued = 0
+        self._slots: asyncio.Semaphore | None = None  # made on first use, in the server's loop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_running)
+        if self.running >= self.max_running and self.queued >= self.max_queued:
+            self.metrics.rejected.inc()
+            await send_error(
+                send,
+                429,
+                f"The server is busy: {self.running} requests running and {self.queued} queued. "
+                "Retry later.",
+                "rate_limit_error",
+                "server_overloaded",
+                headers=[(b"retry-after", self.retry_after)],
+            )
+            return
+        self.queued += 1
+        self.metrics.waiting.inc()
+        try:
+            await self._slots.acquire()
+        finally:
+            self.queued -= 1
+            self.metrics.waiting.dec()
+        self.running += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.running -= 1
+            self._slots.release()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message, and any `extra` fields."""
+
+    _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+    converter = time.gmtime  # timestamps in UTC, as the trailing Z says
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry |= {k: v for k, v in vars(record).items() if k not in self._STANDARD}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def json_logging(level: str) -> dict:
+    """A `logging.config.dictConfig` (also uvicorn's `log_config`): JSON lines on stderr for our
+    loggers and uvicorn's; uvicorn's own access log is off (`RequestLog` writes ours)."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"stderr": handler},
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": {"level": level.upper()},
+            "uvicorn.access": {"level": "WARNING"},
+        },
+    }

@@ -1,0 +1,176 @@
+"""Admission (queue then 429), body limit (413), API keys (401), CORS, request ids and JSON logs —
+each over a real uvicorn serving the demo checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+import openai
+import pytest
+
+from service.app import create_app
+from service.middleware import JsonFormatter
+from service.settings import Settings
+
+QUESTION = "Where was Sethna Drorpethwais born?"
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64}
+
+
+def demo_settings(demo_artifacts, **overrides) -> Settings:
+    return Settings(
+        model=demo_artifacts / "sft",
+        index=demo_artifacts / "index",
+        served_model_name="demo",
+        **overrides,
+    )
+
+
+def gauge(base_url: str, name: str) -> float:
+    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
+    assert error["message"]
+
+
+def test_overload_queues_then_429_while_admitted_requests_complete(demo_artifacts, serve_app):
+    """Guards against: unbounded piling-up under overload (every request slow, none refused), a
+    429 without Retry-After, and a queued request being dropped instead of served once a slot
+    frees."""
+    app = create_app(demo_settings(demo_artifacts, max_running_requests=1, max_queued_requests=1))
+    url = serve_app(app)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            body = {**CHAT, "stream": True, "max_tokens": 200}
+            async with client.stream("POST", "/v1/chat/completions", json=body) as first:
+                lines = first.aiter_lines()
+                assert (await anext(lines)).startswith("data: ")  # admitted and running
+                queued = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+                for _ in range(200):  # until the second request waits in the queue
+                    if gauge(url, "searchagent_requests_waiting") == 1:
+                        break
+                    await asyncio.sleep(0.02)
+                assert gauge(url, "searchagent_requests_waiting") == 1
+                refused = await client.post("/v1/chat/completions", json=CHAT)
+                assert_openai_error(refused, 429, "server_overloaded")
+                assert refused.headers["retry-after"] == "1"
+                assert not queued.done()
+                rest = [line async for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+            second = await queued
+            assert second.status_code == 200 and second.json()["choices"][0]["message"]["content"]
+        assert gauge(url, "searchagent_requests_rejected_total") == 1
+        assert gauge(url, "searchagent_requests_waiting") == 0
+
+    asyncio.run(main())
+    # probes and metrics are never queued or refused
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_body_over_the_limit_is_413(demo_artifacts, serve_app):
+    """Guards against: a huge body being read into memory and parsed, whether it announces its
+    size (Content-Length) or streams it chunked."""
+    url = serve_app(create_app(demo_settings(demo_artifacts, max_body_bytes=4000)))
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]}
+    assert_openai_error(
+        httpx.post(f"{url}/v1/chat/completions", json=big), 413, "request_too_large"
+    )
+
+    def chunked():
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 1000):
+            yield data[i : i + 1000]
+
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=chunked(),
+        headers={"content-type": "application/json"},
+    )
+    assert "content-length" not in response.request.headers  # really sent chunked
+    assert_openai_error(response, 413, "request_too_large")
+    ok = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_api_keys(demo_artifacts, serve_app, caplog):
+    """Guards against: an open server when keys are set, one of several keys not working, a 401
+    the OpenAI SDK cannot map to AuthenticationError, probes needing a key (orchestrators have
+    none), and a key reaching the logs."""
+    keys = ["sk-first-0123456789", "sk-second-9876543210"]
+    url = serve_app(create_app(demo_settings(demo_artifacts, api_keys=keys)))
+    with caplog.at_level(logging.INFO):
+        missing = httpx.post(f"{url}/v1/chat/completions", json=CHAT)
+        assert_openai_error(missing, 401, "invalid_api_key")
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-first-0123"})
+        assert_openai_error(wrong, 401, "invalid_api_key")
+        assert httpx.post(f"{url}/retrieve", json={"queries": ["x"]}).status_code == 401
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(f"{url}{path}").status_code == 200
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=keys[1], max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["demo"]
+        answer = client.chat.completions.create(model="demo", messages=CHAT["messages"])
+        assert answer.choices[0].message.content
+        bad = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    logged = caplog.text + "".join(JsonFormatter().format(r) for r in caplog.records)
+    assert "sk-first" not in logged and "sk-second" not in logged and "sk-nope" not in logged
+    assert any(getattr(r, "status", None) == 401 for r in caplog.records)
+
+
+def test_cors_allows_configured_origins_only(demo_artifacts, serve_app):
+    """Guards against: a browser playground on another origin being blocked, any origin being
+    allowed, and a preflight needing an API key (browsers never send one on OPTIONS)."""
+    settings = demo_settings(demo_artifacts, cors_origins=["http://ui.example"], api_keys=["k1"])
+    url = serve_app(create_app(settings))
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    ok = httpx.options(
+        f"{url}/v1/chat/completions", headers={"Origin": "http://ui.example", **preflight}
+    )
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == "http://ui.example"
+    other = httpx.options(
+        f"{url}/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight}
+    )
+    assert "access-control-allow-origin" not in other.headers
+    got = httpx.get(
+        f"{url}/v1/models", headers={"Origin": "http://ui.example", "Authorization": "Bearer k1"}
+    )
+    assert got.headers["access-control-allow-origin"] == "http://ui.example"
+
+
+def test_request_id_is_echoed_and_logged_as_json(demo_app, serve_app, caplog):
+    """Guards against: losing the caller's correlation id, echoing a header that could inject
+    into logs, and access logs that are not one JSON object per line."""
+    url = serve_app(demo_app)
+    with caplog.at_level(logging.INFO, logger="searchagent.access"):
+        mine = httpx.post(
+            f"{url}/v1/chat/completions",
+            json=CHAT,
+            headers={"X-Request-ID": "trace-42"},
+            timeout=60,
+        )
+        made = httpx.get(f"{url}/v1/models")
+        junk = httpx.get(f"{url}/v1/models", headers={"X-Request-ID": "a b\tc" + "x" * 200})
+    assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42"
+    assert len(made.headers["x-request-id"]) == 32  # generated: a uuid4 hex
+    assert junk.headers["x-request-id"] != "a b\tc" + "x" * 200
+    lines = [JsonFormatter().format(r) for r in caplog.records if r.name == "searchagent.access"]
+    entries = [json.loads(line) for line in lines]
+    chat = next(e for e in entries if e["request_id"] == "trace-42")
+    assert chat["path"] == "/v1/chat/completions" and chat["status"] == 200
+    assert chat["method"] == "POST" and chat["duration_ms"] > 0 and chat["level"] == "info"
