@@ -75,22 +75,32 @@ class _Request:
 class TransformersEngine:
     def __init__(
         self,
-        model_dir: str | Path,
+        model_dir: str | Path | None,
         tokenizer: Tokenizer,
         device: str | None = None,
         max_sessions: int = 32,
         max_batch: int = 32,
         dtype: torch.dtype | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
+        """Loads `model_dir`, or decodes with `model`, a causal LM already in memory (RL
+        training: the live policy, whose weights change between rollouts — call `invalidate`
+        after each update). Such a model stays where and as it is (device, dtype, mode)."""
         self.tokenizer = tokenizer
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype is None:
-            cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            dtype = torch.bfloat16 if cuda_bf16 else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=dtype, attn_implementation="sdpa"
-        )
-        self.model.to(self.device).eval()
+        if model is not None:
+            self.model = model
+            self.device = next(model.parameters()).device
+        else:
+            if model_dir is None:
+                raise ValueError("TransformersEngine needs a model directory or a model")
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            if dtype is None:
+                cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+                dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=dtype, attn_implementation="sdpa"
+            )
+            self.model.to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch = max_batch
         self.stats = EngineStats()
@@ -107,8 +117,15 @@ class TransformersEngine:
         self._outbox: list[tuple[_Request, TokenChunk | BaseException]] = []
         self._decoder = self.model.get_decoder()
         self._head = self.model.get_output_embeddings()
+        self._stale = False  # set by `invalidate`
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    def invalidate(self) -> None:
+        """The weights changed: parked sessions hold keys/values of the old ones, so none may be
+        reused. Dropped by the scheduler before it admits anything new."""
+        self._stale = True
+        self._inbox.put(None)
 
     @property
     def running(self) -> int:
@@ -162,6 +179,9 @@ class TransformersEngine:
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
+            if self._stale:
+                self._stale = False
+                self._sessions.clear()
             try:
                 self._schedule()
             except Exception as exc:  # a failed forward fails its requests, never the thread

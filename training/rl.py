@@ -1,0 +1,319 @@
+"""Outcome-based RL with retrieval in the loop, on TRL's `GRPOTrainer`.
+
+Run: `searchagent train rl --init artifacts/demo/sft --out artifacts/demo/rl-stage1 --stage 1`.
+
+Rollouts come from our own `AgentLoop` — the one the service runs — decoding with the live policy
+(`TransformersEngine(model=…)` over the trainer's model, sessions invalidated after every update)
+and searching the real index. TRL gets them through `rollout_func`: the sampled and injected
+tokens as one completion, and `env_mask` (1 sampled, 0 injected documents) so document tokens get
+no loss and no gradient. Stages (`RLConfig.stage`):
+
+  "1"     R1-Searcher stage 1 — reward retrieval invocation + format (`rewards.stage1_reward`);
+  "2"     R1-Searcher stage 2 — reward answer F1, -2 for a malformed trace;
+  "plus"  R1-Searcher++ — format + cover-EM + the group internal-knowledge reward, plus the
+          memorization loss: mu x NLL of each correct rollout rewritten without search (its
+          reasoning before the first search, then the answer), so what was retrieved and used
+          becomes knowledge.
+
+The policy loss is TRL's GRPO loss (group-normalized advantages); `beta > 0` adds its KL term
+against the initial model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.checkpoint import load_format, load_tokenizer
+from agent.engine import SamplingParams
+from agent.events import Finished
+from agent.loop import AgentLoop, Limits, RunParams
+from agent.tags import TagFormat
+from agent.tokenizer import Tokenizer
+from training import rewards
+from training.sft import _jsonable, export_checkpoint
+
+STAGES = ("1", "2", "plus")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    init: Path  # the checkpoint to start from (SFT, or an earlier stage)
+    out: Path
+    index: Path  # the retrieval index rollouts search
+    data: Path  # jsonl with question / answer (the demo world's train split)
+    stage: str = "1"
+    steps: int = 40
+    prompts_per_step: int = 4
+    num_generations: int = 4  # the GRPO group: rollouts per prompt
+    lr: float = 2e-5
+    beta: float = 0.0  # KL coefficient against the initial model
+    temperature: float = 1.0
+    max_tokens: int = 160
+    max_searches: int = 4
+    top_k: int = 3
+    mu: float = 0.1  # R1-Searcher++ memorization loss weight
+    max_questions: int | None = 2000
+    seed: int = 0
+    resume: bool = False  # continue from the last checkpoint in `out`
+    save_steps: int = 20
+
+
+@dataclass
+class RolloutBatch:
+    """What one `rollout_func` call produced, kept for the memorization loss."""
+
+    memorize: list[tuple[list[int], list[int]]]  # (prompt ids, rewritten completion ids)
+
+
+def run_rl(cfg: RLConfig) -> dict:
+    """Train, export the policy to `cfg.out` (HF directory + agent.json), return a report with
+    the per-step log (reward, EM, searches)."""
+    t0 = time.monotonic()
+    trainer = build_trainer(cfg)
+    resume = cfg.resume and any((cfg.out / ".trainer").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    export_checkpoint(model, cfg.out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (cfg.out / name).write_bytes((cfg.init / name).read_bytes())
+    log = [_step_row(h) for h in trainer.state.log_history if "reward" in h]
+    report = {
+        "stage": cfg.stage,
+        "steps": trainer.state.global_step,
+        "seconds": round(time.monotonic() - t0, 1),
+        "log": log,
+        "config": _jsonable(asdict(cfg)),
+    }
+    (cfg.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def build_trainer(cfg: RLConfig):
+    """The GRPO trainer for `cfg`, its rollouts from our agent loop (not yet trained)."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"unknown RL stage {cfg.stage!r}; known: {list(STAGES)}")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig
+
+    from retrieval.index import load_index
+
+    torch.manual_seed(cfg.seed)
+    fmt = load_format(cfg.init)
+    tokenizer = load_tokenizer(cfg.init, fmt)
+    rows = _read_rows(cfg.data, cfg.max_questions, cfg.seed)
+    dataset = Dataset.from_list([{"prompt": r["question"], "answer": r["answer"]} for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.init), dtype=torch.float32)
+    processing = PreTrainedTokenizerFast.from_pretrained(str(cfg.init))
+    if processing.pad_token is None:
+        processing.pad_token = "<|pad|>"
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    retriever = load_index(cfg.index)
+    batch = cfg.prompts_per_step * cfg.num_generations
+    args = GRPOConfig(
+        output_dir=str(cfg.out / ".trainer"),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_generations=cfg.num_generations,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        beta=cfg.beta,
+        temperature=cfg.temperature,
+        max_completion_length=cfg.max_tokens * 4,  # sampled + injected tokens
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+        bf16=False,
+        seed=cfg.seed,
+        shuffle_dataset=True,
+        log_completions=False,
+        reward_weights=[1.0, 0.0, 0.0, 0.0],  # _Policy.reward trains; em/searches/format: logged
+    )
+    golds = {r["question"]: r["answer"] for r in rows}
+    policy = _Policy(fmt, tokenizer, retriever, cfg, golds)
+    return _make_trainer(model, args, dataset, processing, policy, cfg)
+
+
+def _step_row(h: dict) -> dict:
+    keep = {"step": h.get("step")}
+    for key, value in h.items():
+        if key.startswith(("reward", "rewards/", "loss", "memorization")) or key in ("kl",):
+            keep[key] = value
+    return keep
+
+
+class _Policy:
+    """The rollout side: the agent loop over the live policy, and the rewards TRL calls."""
+
+    def __init__(
+        self, fmt: TagFormat, tokenizer: Tokenizer, retriever, cfg: RLConfig, golds: dict
+    ) -> None:
+        self.golds = golds  # question -> gold answer (for the memorization targets)
+        self.fmt = fmt
+        self.tokenizer = tokenizer
+        self.retriever = retriever
+        self.cfg = cfg
+        self.loop: AgentLoop | None = None
+        self.last = RolloutBatch([])
+        self._seed = cfg.seed * 1_000_003
+
+    def rollout(self, prompts: list[str], trainer) -> dict[str, Any]:
+        """TRL's `rollout_func`: one agent run per prompt (TRL already repeats each prompt
+        `num_generations` times, consecutively)."""
+        from agent.hf_engine import TransformersEngine
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if self.loop is None:
+            engine = TransformersEngine(None, self.tokenizer, model=model, max_sessions=0)
+            limits = Limits(
+                max_searches=self.cfg.max_searches,
+                max_tokens=self.cfg.max_tokens,
+                top_k=self.cfg.top_k,
+            )
+            self.loop = AgentLoop(engine, self.retriever, self.fmt, limits)
+        self.loop.engine.invalidate()  # type: ignore[attr-defined]
+        was_training = model.training
+        model.eval()
+        try:
+            finished = asyncio.run(self._run_all(prompts))
+        finally:
+            model.train(was_training)
+        out: dict[str, Any] = {
+            "prompt_ids": [f.trajectory.prompt_ids for f in finished],
+            "completion_ids": [f.trajectory.completion_ids for f in finished],
+            "env_mask": [f.trajectory.env_mask for f in finished],
+            "logprobs": None,
+            "rollout": [rewards.rollout_from(f) for f in finished],
+        }
+        self.last = RolloutBatch(
+            self._memorize(prompts, finished) if self.cfg.stage == "plus" else []
+        )
+        return out
+
+    def _memorize(self, prompts: list[str], finished: list[Finished]) -> list:
+        """R1-Searcher++'s memorization rows: each correct, well-formed rollout that searched,
+        rewritten without search."""
+        rows = []
+        for question, f in zip(prompts, finished, strict=True):
+            r = rewards.rollout_from(f)
+            gold = self.golds.get(question)
+            if gold is None or not r.format_ok or r.searches == 0:
+                continue
+            if rewards.cover_em_reward(r, gold) == 1.0:
+                ids = rewritten_without_search(
+                    f.trajectory.text, r.answer, self.fmt, self.tokenizer
+                )
+                rows.append((f.trajectory.prompt_ids, ids))
+        return rows
+
+    async def _run_all(self, prompts: list[str]) -> list[Finished]:
+        async def one(question: str) -> Finished:
+            assert self.loop is not None
+            self._seed += 1
+            sampling = SamplingParams(temperature=self.cfg.temperature, seed=self._seed)
+            finished = None
+            async for event in self.loop.run(self.loop.prompt_ids(question), RunParams(sampling)):
+                if isinstance(event, Finished):
+                    finished = event
+            assert finished is not None
+            return finished
+
+        return list(await asyncio.gather(*(one(q) for q in prompts)))
+
+    # -- rewards (TRL reward functions: lists in, one float per completion out) ------------
+
+    def reward(self, prompts, completions, rollout, answer, **_) -> list[float]:
+        stage, g = self.cfg.stage, self.cfg.num_generations
+        if stage == "1":
+            return [rewards.stage1_reward(r) for r in rollout]
+        if stage == "2":
+            return [rewards.stage2_reward(r, a) for r, a in zip(rollout, answer, strict=True)]
+        out: list[float] = []
+        for start in range(0, len(rollout), g):
+            out += rewards.plus_rewards(rollout[start : start + g], answer[start : start + g])
+        return out
+
+    def em(self, prompts, completions, rollout, answer, **_) -> list[float]:
+        return [rewards.em_reward(r, a) for r, a in zip(rollout, answer, strict=True)]
+
+    def searches(self, prompts, completions, rollout, **_) -> list[float]:
+        return [float(r.searches) for r in rollout]
+
+    def format_ok(self, prompts, completions, rollout, **_) -> list[float]:
+        return [rewards.format_reward(r) for r in rollout]
+
+
+def rewritten_without_search(
+    text: str, answer: str, fmt: TagFormat, tokenizer: Tokenizer
+) -> list[int]:
+    """A correct trace rewritten as if the answer were known: the reasoning before the first
+    search, then the answer in answer tags, then end of sequence (R1-Searcher++'s memorization
+    target)."""
+    head = text.split(fmt.search_open, 1)[0]
+    ids = tokenizer.encode(f"{head}{fmt.answer_open}{answer}{fmt.answer_close}")
+    return ids + [tokenizer.eos_id]
+
+
+def _make_trainer(model, args, dataset, processing, policy: _Policy, cfg: RLConfig):
+    """A `GRPOTrainer` over `policy`'s rollouts; for stage "plus" one that adds the
+    memorization loss to each step's loss."""
+    from trl import GRPOTrainer
+
+    class Trainer(GRPOTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if cfg.stage != "plus" or not policy.last.memorize or not model.training:
+                return loss
+            nll = memorization_nll(model, policy.last.memorize, processing.pad_token_id)
+            self._metrics["train"]["memorization_nll"].append(nll.item())
+            return loss + cfg.mu * nll
+
+    # TRL logs each as rewards/<method name>; only the stage's reward trains, the rest is logged
+    funcs = [policy.reward, policy.em, policy.searches, policy.format_ok]
+    return Trainer(
+        model=model,
+        reward_funcs=funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processing,
+        rollout_func=policy.rollout,
+    )
+
+
+def memorization_nll(model, rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """Mean NLL of the completions given their prompts (prompt tokens carry no loss)."""
+    import torch
+
+    seqs = [p + c for p, c in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        labels[i, len(p) : n] = torch.tensor(c)
+        attention[i, :n] = 1
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)
+    )
+    return out.loss
+
+
+def _read_rows(path: Path, limit: int | None, seed: int) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    random.Random(seed).shuffle(rows)
+    return rows[:limit] if limit else rows
