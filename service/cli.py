@@ -8,6 +8,7 @@ training code and `index build` never loads torch.
   searchagent eval --model DIR --index DIR --data FILE.jsonl [--limit N] [--json]
   searchagent eval --predictions FILE.jsonl [--format r1-searcher] [--json]   (no model)
   searchagent train sft --out DIR [--worlds N --per-world N --steps N]
+  searchagent train rl --init DIR --out DIR [--stage 1|2|plus --steps N]
   searchagent world build --out DIR [--seed N]
   searchagent demo build --out DIR     (world/, world2/, index/, sft/ — whatever is missing)
 
@@ -201,6 +202,34 @@ def _train_sft(args: argparse.Namespace) -> None:
     print(json.dumps(run_sft(cfg)))
 
 
+def _train_rl(args: argparse.Namespace) -> None:
+    import os
+
+    from training.rl import RLConfig, run_rl
+
+    for flag, path in (("--init", args.init / "config.json"), ("--index", args.index),
+                       ("--data", args.data)):  # fmt: skip
+        if not path.exists():
+            _fail(f"{flag}: {path} does not exist")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
+    cfg = RLConfig(
+        init=args.init,
+        out=args.out,
+        index=args.index,
+        data=args.data,
+        stage=args.stage_name,
+        steps=args.steps,
+        prompts_per_step=args.prompts_per_step,
+        num_generations=args.num_generations,
+        lr=args.lr,
+        beta=args.beta,
+        mu=args.mu,
+        resume=args.resume,
+    )
+    report = run_rl(cfg)
+    print(json.dumps({k: v for k, v in report.items() if k != "log"}))
+
+
 def _world_build(args: argparse.Namespace) -> None:
     from training.world import build_world
 
@@ -282,6 +311,26 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--steps", type=int, default=500)
     sft.add_argument("--copy-steps", type=int, default=1500, help="at most")
     sft.set_defaults(func=_train_sft)
+    rl = t.add_parser("rl", help="outcome RL (GRPO) with retrieval in the loop")
+    rl.add_argument("--init", type=Path, required=True, help="checkpoint to start from")
+    rl.add_argument("--out", type=Path, required=True)
+    rl.add_argument("--index", type=Path, default=Path("artifacts/demo/index"))
+    rl.add_argument("--data", type=Path, default=Path("artifacts/demo/world/train.jsonl"))
+    rl.add_argument(
+        "--stage",
+        dest="stage_name",
+        choices=("1", "2", "plus"),
+        default="1",
+        help="R1-Searcher stage 1 (retrieval + format), 2 (answer F1), or R1-Searcher++",
+    )
+    rl.add_argument("--steps", type=int, default=40)
+    rl.add_argument("--prompts-per-step", type=int, default=4)
+    rl.add_argument("--num-generations", type=int, default=4, help="rollouts per prompt")
+    rl.add_argument("--lr", type=float, default=2e-5)
+    rl.add_argument("--beta", type=float, default=0.0, help="KL coefficient")
+    rl.add_argument("--mu", type=float, default=0.1, help="memorization loss weight (plus)")
+    rl.add_argument("--resume", action="store_true", help="from the last checkpoint in --out")
+    rl.set_defaults(func=_train_rl)
 
     w = sub.add_parser("world", help="demo worlds").add_subparsers(dest="action", required=True)
     wb = w.add_parser("build", help="generate a world: corpus and question splits")
