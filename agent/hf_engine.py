@@ -396,18 +396,22 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
     return n
 
 
+_GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows fp32)
+
+
 def _generator(seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(seed % 2**64)  # torch takes [0, 2**64); any int works
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    if params.temperature <= 0:
+    if params.temperature < _GREEDY_BELOW:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.cpu() / params.temperature, dim=-1)
+    probs = torch.softmax(logits.cpu().float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        keep[0] = True  # the most likely token always stays, however small top_p is
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=gen))

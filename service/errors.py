@@ -81,8 +81,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        message = "request body is not valid JSON"
+    if first.get("type") == "json_invalid":  # its loc is a character offset, not a field
+        message, param = "request body is not valid JSON", None
     else:
         message = f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"
     return _response(400, error_body(message, "invalid_request_error", param))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import (
@@ -17,6 +18,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_serializer,
     model_serializer,
+    model_validator,
 )
 
 
@@ -33,6 +35,44 @@ def now() -> int:
 
 
 # -- requests -------------------------------------------------------------------------------
+
+
+def _first_unencodable(value: object, where: str) -> str | None:
+    """The path of the first string in `value` that is not valid Unicode (a lone surrogate,
+    which JSON's \\uD800 escapes can carry), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    if isinstance(value, BaseModel):
+        fields = dict(value) | (value.model_extra or {})
+        items: Iterable[tuple[object, object]] = fields.items()
+    elif isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _first_unencodable(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+class ApiRequest(BaseModel):
+    """A request body: every string in it must be valid Unicode (a lone surrogate cannot reach
+    a tokenizer, and could not be written back in an error message)."""
+
+    @model_validator(mode="after")
+    def _unicode(self) -> ApiRequest:
+        where = _first_unencodable(self, "")
+        if where is not None:
+            raise ValueError(f"{where} is not valid Unicode text (an unpaired surrogate)")
+        return self
+
 
 MAX_N = 8  # choices per chat request (each one a whole agent run)
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
@@ -61,7 +101,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(ApiRequest):
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -86,7 +126,7 @@ class ChatCompletionRequest(BaseModel):
     trace: Literal["reasoning", "content", "none"] = "reasoning"
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(ApiRequest):
     """`POST /v1/completions`, vLLM's fields. One prompt per request: a list of prompts parses
     (so it can be refused with a clear message) but is not served."""
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
 from retrieval.remote import r1_searcher_text, search_r1_contents
 from retrieval.types import Passage, Retriever
 from service.errors import BadRequestError
+from service.protocol import ApiRequest
 
 router = APIRouter()
 
@@ -63,14 +64,14 @@ def _context(request: Request) -> RetrievalContext:
 RetrievalDep = Annotated[RetrievalContext, Depends(_context)]
 
 
-class RetrieveRequest(BaseModel):
+class RetrieveRequest(ApiRequest):
     model_config = ConfigDict(extra="allow")
     queries: list[str]
     topk: int | None = None
     return_scores: bool = False
 
 
-class QueriesRequest(BaseModel):
+class QueriesRequest(ApiRequest):
     model_config = ConfigDict(extra="allow")
     queries: list[str]
     k: int | None = None
