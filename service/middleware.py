@@ -29,7 +29,9 @@ log = logging.getLogger("searchagent.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client id we echo and log as is
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # probes and scrapes need no key
+# probes and scrapes need no key, nor the playground page (it holds no secrets: the user types
+# the key into it, and its API calls carry it)
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
@@ -107,9 +109,10 @@ class RequestLog:
 
 
 class ApiKeys:
-    """Bearer keys: every path but the probes and `/metrics` needs one of `keys`. Each presented
-    key is compared with every configured key in constant time (`hmac.compare_digest`), so the
-    time taken says nothing about how much of a key was right or which key matched."""
+    """Bearer keys: every path but the probes, `/metrics` and the playground page `/` needs one
+    of `keys`. Each presented key is compared with every configured key in constant time
+    (`hmac.compare_digest`), so the time taken says nothing about how much of a key was right or
+    which key matched."""
 
     def __init__(self, app: ASGIApp, keys: Iterable[str]) -> None:
         self.app = app

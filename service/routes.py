@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import chat, completions
@@ -21,6 +22,9 @@ from service.protocol import (
 )
 
 router = APIRouter()
+
+# The playground page: one static file, no secrets in it (the user types the API key into it).
+PLAYGROUND = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
 
 
 def _chat(request: Request) -> ChatContext:
@@ -67,6 +71,11 @@ async def models(request: Request) -> ModelList:
         return ModelList(data=[])
     card = ModelCard(id=chat.model_id, created=now(), max_model_len=chat.loop.limits.max_context)
     return ModelList(data=[card])
+
+
+@router.get("/", include_in_schema=False)
+async def playground() -> HTMLResponse:
+    return HTMLResponse(PLAYGROUND)
 
 
 @router.get("/health")
