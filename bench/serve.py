@@ -248,11 +248,22 @@ def main() -> None:
         ctx: ChatContext = create_app(settings).state.chat
         url = f"http://127.0.0.1:{port}"
         wait_ready(url, proc, log)
-        asyncio.run(bench(args, levels, url, ctx, [body(q) for q in questions]))
+        asyncio.run(bench(args, levels, url, ctx, [body(q) for q in questions], proc.pid))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (/proc, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def bench(
-    args: argparse.Namespace, levels: list[int], url: str, ctx: ChatContext, bodies: list[dict]
+    args: argparse.Namespace,
+    levels: list[int],
+    url: str,
+    ctx: ChatContext,
+    bodies: list[dict],
+    server_pid: int,
 ) -> None:
     limits = httpx.Limits(max_connections=max(levels), max_keepalive_connections=max(levels))
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
@@ -263,14 +274,26 @@ async def bench(
               "| e2e p50 s | e2e p95 s |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|")
         start, mismatches = 0, 0
+        cpu_rows = []  # CPU ms per request: (level, server over HTTP, client over HTTP, in-process)
         for c in levels:
+            cpu = {"server": 0.0, "client": 0.0, "in-process": 0.0}
             runs: dict[str, list[Run]] = {m: [] for m in modes}
             for r in range(args.rounds):
                 chunk = [bodies[(start + i) % (len(bodies) - 1)] for i in range(args.requests)]
                 start += args.requests
                 order = list(modes) if r % 2 == 0 else list(reversed(modes))
                 for mode in order:
+                    before = cpu_seconds(server_pid), cpu_seconds(os.getpid())
                     runs[mode].append(await closed_loop(modes[mode], chunk, c))
+                    served, here = (
+                        cpu_seconds(server_pid) - before[0],
+                        cpu_seconds(os.getpid()) - before[1],
+                    )
+                    if mode == "http":
+                        cpu["server"] += served
+                        cpu["client"] += here
+                    else:
+                        cpu["in-process"] += here
                 http, local = runs["http"][-1], runs["in-process"][-1]
                 mismatches += sum(
                     a.tokens != b.tokens for a, b in zip(http.samples, local.samples, strict=True)
@@ -283,6 +306,17 @@ async def bench(
             h, i = stats["http"], stats["in-process"]
             print(f"| {c} | **HTTP overhead** | {1 - h['rps'] / i['rps']:.1%} | | | | | "
                   f"{h['e2e50'] / i['e2e50']:.2f}x | |")  # fmt: skip
+            n = args.requests * args.rounds
+            cpu_rows.append((c, *(1000 * cpu[k] / n for k in ("server", "client", "in-process"))))
+    # The serving work itself: CPU the server spends per request against the in-process loop's
+    # (the client shares this machine's cores, so wall-clock overhead also counts its CPU).
+    print()
+    print("| concurrency | server CPU ms/req (http) | client CPU ms/req (http) | "
+          "in-process CPU ms/req | server / in-process |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for c, server_ms, client_ms, local_ms in cpu_rows:
+        print(f"| {c} | {server_ms:.0f} | {client_ms:.0f} | {local_ms:.0f} | "
+              f"{server_ms / local_ms:.2f}x |")  # fmt: skip
     if mismatches:
         print(f"WARNING: {mismatches} requests generated a different number of tokens over HTTP")
     else:
