@@ -5,7 +5,7 @@ DEMO ?= artifacts/demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo serve test lint train-sft clean-demo
+.PHONY: install demo serve test lint train train-sft clean-demo
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh
 demo: install
 	$(BIN)/searchagent demo build --out $(DEMO)
 
+# the RL checkpoint once `make train` has made one, else the committed SFT checkpoint
+MODEL ?= $(if $(wildcard $(DEMO)/rl/config.json),$(DEMO)/rl,$(DEMO)/sft)
+
 serve: demo
-	$(BIN)/searchagent serve --model $(DEMO)/sft --index $(DEMO)/index \
+	$(BIN)/searchagent serve --model $(MODEL) --index $(DEMO)/index \
 		--served-model-name searchagent-demo --host $(HOST) --port $(PORT)
 
 test: install
@@ -25,6 +28,9 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+train: install
+	$(BIN)/searchagent train pipeline --out $(DEMO)/train
 
 train-sft: install
 	$(BIN)/searchagent train sft --out $(DEMO)/sft

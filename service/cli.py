@@ -230,6 +230,23 @@ def _train_rl(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "log"}))
 
 
+def _train_pipeline(args: argparse.Namespace) -> None:
+    import os
+
+    from training.pipeline import PipelineConfig, run_pipeline
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    cfg = PipelineConfig(
+        out=args.out,
+        sft_worlds=args.sft_worlds,
+        sft_steps=args.sft_steps,
+        rl_steps=args.rl_steps,
+        eval_limit=args.eval_limit,
+    )
+    report = run_pipeline(cfg)
+    print(json.dumps(report))
+
+
 def _world_build(args: argparse.Namespace) -> None:
     from training.world import build_world
 
@@ -331,6 +348,13 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--mu", type=float, default=0.1, help="memorization loss weight (plus)")
     rl.add_argument("--resume", action="store_true", help="from the last checkpoint in --out")
     rl.set_defaults(func=_train_rl)
+    pl = t.add_parser("pipeline", help="the demo pipeline: SFT, RL stages, eval, RESULTS.md")
+    pl.add_argument("--out", type=Path, default=Path("artifacts/demo/train"))
+    pl.add_argument("--sft-worlds", type=int, default=16)
+    pl.add_argument("--sft-steps", type=int, default=300)
+    pl.add_argument("--rl-steps", type=int, default=15, help="per RL stage")
+    pl.add_argument("--eval-limit", type=int, default=100, help="test questions")
+    pl.set_defaults(func=_train_pipeline)
 
     w = sub.add_parser("world", help="demo worlds").add_subparsers(dest="action", required=True)
     wb = w.add_parser("build", help="generate a world: corpus and question splits")

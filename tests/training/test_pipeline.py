@@ -1,0 +1,30 @@
+"""training/pipeline.py's report: RL logs become one PNG and RESULTS.md's table."""
+
+from __future__ import annotations
+
+import json
+
+from training.pipeline import RL_STAGES, PipelineConfig, plot_rl, results_markdown
+
+
+def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
+    """Guards against: a stage's log missing from the plot (a silent KeyError skip), a PNG that
+    is not one, and a results table that drops a checkpoint or mislabels its numbers."""
+    for i, (name, _) in enumerate(RL_STAGES):
+        log = [
+            {"step": s, "reward": 0.1 * s + i, "rewards/em/mean": 0.5, "rewards/searches/mean": 1.0}
+            for s in range(1, 6)
+        ]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training.json").write_text(json.dumps({"log": log}))
+    png = plot_rl(tmp_path, tmp_path / "plots")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    scores = {
+        "sft": {"em": 0.72, "cover_em": 0.73, "f1": 0.722, "avg_searches": 0.98},
+        "rl-plus": {"em": 0.7, "cover_em": 0.75, "f1": 0.71, "avg_searches": 0.5},
+    }
+    cfg = PipelineConfig(timings={"sft": 600.0, "rl-stage1": 120.0})
+    text = results_markdown(cfg, scores, png, 900.0)
+    assert "| sft | 0.720 | 0.730 | 0.722 | 0.98 |" in text
+    assert "| rl-plus | 0.700 | 0.750 | 0.710 | 0.50 |" in text
+    assert "Total: 15.0 minutes" in text and "sft 10.0 min" in text and png.as_posix() in text
