@@ -41,6 +41,7 @@ DEFAULT_MAX_LENGTH = 256  # all-MiniLM-L6-v2 was trained on 256-token inputs
 RUNTIMES = ("auto", "onnx", "torch")
 _ONNX_TOLERANCE = 1e-4  # largest difference from torch's unit vectors accepted on the probe
 _PROBE = ["probe", "a longer probe sentence, so that the batch needs padding"]
+_CHECK = ["x", "a third text, longer than both of the texts the export was traced with", "mid"]
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,10 @@ class Encoder:
             session = onnxruntime.InferenceSession(
                 buffer.getvalue(), options, providers=["CPUExecutionProvider"]
             )
-            feed = {name: enc[name].numpy() for name in names}
-            diff = float(np.abs(session.run(None, feed)[0] - self._forward_torch(enc)).max())
+            # checked on other shapes than the export traced (batch size and length)
+            check = self._tokenize(_CHECK)
+            feed = {name: check[name].numpy() for name in names}
+            diff = float(np.abs(session.run(None, feed)[0] - self._forward_torch(check)).max())
         except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure means "use torch"
             self._model.eval()
             if required:

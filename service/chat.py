@@ -129,7 +129,8 @@ class RunState:
         self._final_sent = True
         out = ""
         fallback = self.finished.trajectory.answer
-        if not self._answer and fallback:
+        # (trace "content" already sent that text, as the trace it also is)
+        if not self._answer and fallback and self.trace_mode != "content":
             out += self._answer_text(fallback)
         if not self.stopped and self._sent < len(self._answer):
             tail = self._answer[self._sent :]
@@ -275,7 +276,11 @@ def prepare(ctx: ChatContext, req: ChatCompletionRequest) -> ChatRun:
     if req.model_extra:
         log.info("ignoring unknown request fields: %s", sorted(req.model_extra))
     question, turns, system = conversation(ctx, req.messages)
-    prompt_ids = ctx.loop.prompt_ids(question, turns, system)
+    try:
+        prompt_ids = ctx.loop.prompt_ids(question, turns, system)
+    except ValueError as exc:  # the checkpoint's chat template refused these messages
+        raise BadRequestError(f"these messages do not fit the model's chat template: {exc}",
+                              param="messages") from exc  # fmt: skip
     check_context(ctx, prompt_ids, "messages")
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     params = RunParams(
@@ -351,9 +356,12 @@ async def sse(frames: AsyncIterator[str]) -> AsyncIterator[str]:
 async def complete(ctx: ChatContext, req: ChatCompletionRequest) -> ChatCompletionResponse:
     run = prepare(ctx, req)
     states = [run.new_state(ctx) for _ in range(run.n)]
-    await asyncio.gather(
-        *(collect(ctx, run.prompt_ids, run.params_for(i), st) for i, st in enumerate(states))
-    )
+    try:
+        async with asyncio.TaskGroup() as group:  # one run failing cancels the others
+            for i, state in enumerate(states):
+                group.create_task(collect(ctx, run.prompt_ids, run.params_for(i), state))
+    except ExceptionGroup as failed:  # the first failure, for the usual error handlers
+        raise failed.exceptions[0] from None
     choices = []
     for i, state in enumerate(states):
         state.final_text()

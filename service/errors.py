@@ -5,6 +5,7 @@
     │   └── ContextLengthError (400, code context_length_exceeded)
     ├── ModelNotFoundError (404 model_not_found)
     ├── NotFoundError (404: a route this server does not serve)
+    ├── ClientGoneError (499: the client left; the work was cancelled)
     └── UnavailableError (503 service_unavailable)
 
     agent.openai_engine.EngineError (502 engine_error: the remote model server failed)
@@ -56,6 +57,13 @@ class ModelNotFoundError(ServiceError):
 class NotFoundError(ServiceError):
     status = 404
     type = "invalid_request_error"
+
+
+class ClientGoneError(ServiceError):
+    """The client disconnected before the response: nobody reads it (nginx's 499)."""
+
+    status = 499
+    type = "client_closed_request"
 
 
 class UnavailableError(ServiceError):

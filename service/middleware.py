@@ -108,6 +108,15 @@ class RequestLog:
             )
 
 
+def _preflight(scope: Scope) -> bool:
+    """A CORS preflight: browsers send it without credentials, and it never reaches a route."""
+    return (
+        scope["method"] == "OPTIONS"
+        and _header(scope, b"origin") is not None
+        and _header(scope, b"access-control-request-method") is not None
+    )
+
+
 class ApiKeys:
     """Bearer keys: every path but the probes, `/metrics` and the playground page `/` needs one
     of `keys`. Each presented key is compared with every configured key in constant time
@@ -130,7 +139,7 @@ class ApiKeys:
         return matched
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or _preflight(scope):
             await self.app(scope, receive, send)
             return
         if not self._allowed(scope):
@@ -219,7 +228,8 @@ class Admission:
         self._slots: asyncio.Semaphore | None = None  # made on first use, in the server's loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
+        http = scope["type"] == "http"
+        if not (http and scope["path"] in GENERATION_PATHS and scope["method"] == "POST"):
             await self.app(scope, receive, send)
             return
         if self._slots is None:

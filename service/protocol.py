@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -113,7 +113,7 @@ class ChatCompletionRequest(ApiRequest):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP)  # ends the answer
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None  # ends the answer
     n: int = Field(default=1, ge=1, le=MAX_N)  # each choice its own agent run
     user: str | None = None
     # refused with a clear 400 (search is built in), but parsed so the message can say so

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -11,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import chat, completions
 from service.chat import ChatContext
-from service.errors import NotFoundError, UnavailableError
+from service.errors import ClientGoneError, NotFoundError, UnavailableError
 from service.metrics import Metrics
 from service.protocol import (
     ChatCompletionRequest,
@@ -21,7 +23,32 @@ from service.protocol import (
     now,
 )
 
+T = TypeVar("T")
 router = APIRouter()
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it (and so its agent run) if the client goes away first: a
+    non-streaming request has nobody to notice that otherwise, and would run to its end."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGoneError("the client closed the connection")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns once the client has disconnected (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
 
 # The playground page: one static file, no secrets in it (the user types the API key into it).
 PLAYGROUND = (Path(__file__).parent / "static" / "playground.html").read_text(encoding="utf-8")
@@ -46,21 +73,21 @@ MetricsDep = Annotated[Metrics, Depends(_metrics)]
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, ctx: ChatDep) -> Response:
+async def chat_completions(req: ChatCompletionRequest, ctx: ChatDep, request: Request) -> Response:
     if req.stream:
         run = chat.prepare(ctx, req)  # errors before the first byte are HTTP errors
         frames = chat.stream(ctx, req, run)
         return StreamingResponse(frames, media_type="text/event-stream")
-    response = await chat.complete(ctx, req)
+    response = await until_disconnected(request, chat.complete(ctx, req))
     return JSONResponse(response.model_dump())
 
 
 @router.post("/v1/completions", response_model=None)
-async def text_completions(req: CompletionRequest, ctx: ChatDep) -> Response:
+async def text_completions(req: CompletionRequest, ctx: ChatDep, request: Request) -> Response:
     handler = completions.prepare(ctx, req)  # errors before the first byte are HTTP errors
     if req.stream:
         return StreamingResponse(handler.stream(), media_type="text/event-stream")
-    response = await handler.complete()
+    response = await until_disconnected(request, handler.complete())
     return JSONResponse(response.model_dump())
 
 

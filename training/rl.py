@@ -168,6 +168,9 @@ class _Policy:
         self.loop: AgentLoop | None = None
         self.last = RolloutBatch([])
         self._seed = cfg.seed * 1_000_003
+        # one event loop for every rollout: the retriever (a dense index's micro-batcher) and
+        # the engine's deliveries stay bound to the loop they first ran on
+        self._events = asyncio.new_event_loop()
 
     def rollout(self, prompts: list[str], trainer) -> dict[str, Any]:
         """TRL's `rollout_func`: one agent run per prompt (TRL already repeats each prompt
@@ -187,7 +190,7 @@ class _Policy:
         was_training = model.training
         model.eval()
         try:
-            finished = asyncio.run(self._run_all(prompts))
+            finished = self._events.run_until_complete(self._run_all(prompts))
         finally:
             model.train(was_training)
         out: dict[str, Any] = {

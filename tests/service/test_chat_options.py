@@ -127,6 +127,8 @@ def test_stop_ends_the_answer(url):
     )
     untouched = chat(url, max_tokens=96, stop=["Velmora"])
     assert untouched["choices"][0]["message"]["content"] == ANSWER
+    one_long = chat(url, max_tokens=96, stop="Question:")  # a str, not a list of at most 4
+    assert one_long["choices"][0]["message"]["content"] == ANSWER
 
 
 def test_tools_get_a_clear_400(url):

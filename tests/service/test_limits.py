@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import httpx
 import openai
@@ -75,6 +76,24 @@ def test_overload_queues_then_429_while_admitted_requests_complete(demo_artifact
     asyncio.run(main())
     # probes and metrics are never queued or refused
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_non_streaming_request_is_cancelled_when_its_client_leaves(demo_artifacts, serve_app):
+    """Guards against: an abandoned non-streaming request running its whole agent loop (up to
+    the deadline) and holding an admission slot — clients that time out and retry would fill
+    the server with work nobody reads."""
+    app = create_app(demo_settings(demo_artifacts, max_running_requests=1))
+    url = serve_app(app)
+    engine = app.state.chat.loop.engine
+    body = {**CHAT, "max_tokens": 400, "temperature": 2.0, "seed": 8}  # a long first segment
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
+    left = time.monotonic()
+    while gauge(url, "searchagent_requests_running") or engine.running:
+        assert time.monotonic() - left < 1.0, "the run went on after its client left"
+        time.sleep(0.02)
+    ok = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60)  # the slot is free
+    assert ok.status_code == 200
 
 
 def test_body_over_the_limit_is_413(demo_artifacts, serve_app):
