@@ -87,14 +87,32 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         start = time.monotonic()
         scores[name] = evaluate_model(cfg.out / name, cfg.demo / "index", test)
         cfg.timings[f"eval {name}"] = time.monotonic() - start
-    final = cfg.demo / "rl"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(previous, final, ignore=shutil.ignore_patterns(".*"))
+    # what `make serve` serves today, on the same questions: the bar the new checkpoint must meet
+    committed = cfg.demo / "sft"
+    if (committed / "config.json").is_file():
+        scores["committed sft"] = evaluate_model(committed, cfg.demo / "index", test)
+    installed = installs(scores)
+    if installed:
+        final = cfg.demo / "rl"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(previous, final, ignore=shutil.ignore_patterns(".*"))
     plot = plot_rl(cfg.out, cfg.plots)
-    report = {"scores": scores, "seconds": round(time.monotonic() - t0, 1), "plot": str(plot)}
+    report = {
+        "scores": scores,
+        "installed": installed,
+        "seconds": round(time.monotonic() - t0, 1),
+        "plot": str(plot),
+    }
     cfg.results.write_text(results_markdown(cfg, scores, plot, time.monotonic() - t0))
     (cfg.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def installs(scores: dict) -> bool:
+    """Whether the final RL checkpoint replaces what `make serve` serves: only if its EM is at
+    least the committed SFT checkpoint's (a worse model is reported, never served)."""
+    final = scores[RL_STAGES[-1][0]]["em"]
+    return "committed sft" not in scores or final >= scores["committed sft"]["em"]
 
 
 def plot_rl(out: Path, plots: Path) -> Path:
@@ -148,7 +166,13 @@ def results_markdown(cfg: PipelineConfig, scores: dict, plot: Path, seconds: flo
             f"| {name} | {s['em']:.3f} | {s['cover_em']:.3f} | {s['f1']:.3f} "
             f"| {s['avg_searches']:.2f} |"
         )
-    lines += ["", f"![reward, EM and searches per RL step]({plot.as_posix()})", ""]
+    verdict = (
+        f"The final checkpoint was installed as `{cfg.demo / 'rl'}`, which `make serve` serves."
+        if installs(scores)
+        else "The final checkpoint scored below the committed SFT checkpoint, so it was not "
+        f"installed: `make serve` keeps serving `{cfg.demo / 'sft'}`."
+    )
+    lines += ["", verdict, "", f"![reward, EM and searches per RL step]({plot.as_posix()})", ""]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from training.pipeline import RL_STAGES, PipelineConfig, plot_rl, results_markdown
+from training.pipeline import RL_STAGES, PipelineConfig, installs, plot_rl, results_markdown
 
 
 def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
@@ -28,3 +28,13 @@ def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
     assert "| sft | 0.720 | 0.730 | 0.722 | 0.98 |" in text
     assert "| rl-plus | 0.700 | 0.750 | 0.710 | 0.50 |" in text
     assert "Total: 15.0 minutes" in text and "sft 10.0 min" in text and png.as_posix() in text
+
+
+def test_a_worse_final_checkpoint_is_not_installed():
+    """Guards against: `make train` replacing the served model with one that answers worse."""
+    row = {"cover_em": 0.0, "f1": 0.0, "avg_searches": 1.0}
+    worse = {"rl-plus": {**row, "em": 0.1}, "committed sft": {**row, "em": 0.72}}
+    better = {"rl-plus": {**row, "em": 0.75}, "committed sft": {**row, "em": 0.72}}
+    assert not installs(worse) and installs(better)
+    text = results_markdown(PipelineConfig(), worse, PipelineConfig().plots / "rl.png", 60.0)
+    assert "was not installed" in text and "| committed sft | 0.720 |" in text
