@@ -24,7 +24,7 @@ from retrieval.remote import RemoteRetriever
 from retrieval.types import Cache, Retriever
 from service.chat import ChatContext
 from service.errors import install_handlers
-from service.metrics import Metrics, MetricsMiddleware
+from service.metrics import Metrics
 from service.middleware import Admission, ApiKeys, BodyLimit, RequestLog
 from service.retrieval_api import RetrievalContext
 from service.retrieval_api import router as retrieval_router
@@ -83,8 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=paths)
-    app.add_middleware(RequestLog)
+    app.add_middleware(RequestLog, metrics=metrics, routes=paths)
     return app
 
 

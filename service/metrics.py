@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retrieval.types import Passage, Retriever
 
@@ -136,34 +135,3 @@ class _CacheCollector(Collector):
             family = CounterMetricFamily(name, doc)
             family.add_metric([], float(value))
             yield family
-
-
-class MetricsMiddleware:
-    """Counts every HTTP response by route and status and times it to its last byte (so a
-    stream is timed to [DONE]). Pure ASGI: unlike BaseHTTPMiddleware it leaves streaming and
-    client-disconnect propagation alone. Unknown paths share one label (bounded cardinality)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.routes = routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = scope["path"] if scope["path"] in self.routes else "other"
-        status = 500
-        start = time.perf_counter()
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_watch)
-        finally:
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
-            self.metrics.latency.labels(route=route).observe(time.perf_counter() - start)

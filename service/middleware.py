@@ -3,7 +3,7 @@
 Pure ASGI (not `BaseHTTPMiddleware`) so streaming responses and client disconnects pass through
 untouched. Outermost first, as `service.app.create_app` installs them:
 
-    RequestLog -> Metrics -> CORS -> ApiKeys -> BodyLimit -> Admission -> routes
+    RequestLog (ids, metrics, logs) -> CORS -> ApiKeys -> BodyLimit -> Admission -> routes
 
 Each refusal is an OpenAI-shaped error body with the status vLLM and OpenAI use: 401 for a
 missing or wrong key, 413 for a body over the limit, 429 (with `Retry-After`) when every
@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
+from service.metrics import Metrics
 
 log = logging.getLogger("searchagent.access")
 
@@ -67,12 +68,16 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestLog:
-    """Honours a well-formed `X-Request-ID` (else makes one), echoes it on the response, and logs
-    one JSON line per finished request: id, method, path, status, duration. No headers, bodies
-    or query strings are logged (they may hold keys or user text)."""
+    """Honours a well-formed `X-Request-ID` (else makes one), echoes it on the response, and,
+    once the last byte is sent (a stream is timed to [DONE]), counts and times the request in
+    `metrics` by route and status and logs one JSON line: id, method, path, status, duration. No
+    headers, bodies or query strings are logged (they may hold keys or user text). Paths that
+    are not `routes` share the route label "other" (bounded cardinality)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str]) -> None:
         self.app = app
+        self.metrics = metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,6 +101,10 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - start
+            route = scope["path"] if scope["path"] in self.routes else "other"
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.latency.labels(route=route).observe(seconds)
             log.info(
                 "request",
                 extra={
@@ -103,7 +112,7 @@ class RequestLog:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                    "duration_ms": round(seconds * 1000, 2),
                 },
             )
 

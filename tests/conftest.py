@@ -169,60 +169,22 @@ def demo_app(demo_artifacts):
     )
 
 
-def start_uvicorn(app, port: int):
-    """Run `app` under a real uvicorn in a background thread; returns (server, thread)."""
-    import threading
-
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive():
-            pytest.fail("uvicorn exited during start-up")
-        if time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start within 60 s")
-        time.sleep(0.05)
-    return server, thread
-
-
 @pytest.fixture(scope="session")
 def serve_cli():
     """`with serve_cli(args) as url:` runs `python -m service.cli ARGS --port P` as a real process
-    until `/health` answers (failing the test with its stderr if it exits first); stops it after."""
+    until `/health` answers (failing the test with its output if it exits first); stops it after."""
     import contextlib
-    import sys
+    import tempfile
+    from pathlib import Path
 
-    import httpx
+    from live_server import serving_process
 
     @contextlib.contextmanager
     def serve(args: list[str], timeout_s: float = 120):
-        port = free_port()
-        cmd = [sys.executable, "-m", "service.cli", *args, "--port", str(port)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None:
-                    pytest.fail(f"{args[0]} exited: {proc.stderr.read().decode()[-2000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{args[0]} did not become healthy within {timeout_s:.0f} s")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        with tempfile.TemporaryDirectory() as scratch:
+            log = Path(scratch) / "server.log"
+            with serving_process(args, free_port(), {}, log, timeout_s) as url:
+                yield url
 
     return serve
 
@@ -230,22 +192,19 @@ def serve_cli():
 @pytest.fixture
 def serve_app():
     """`url = serve_app(app)`: `app` under a real uvicorn on a free port, stopped at teardown."""
-    started = []
+    import contextlib
 
-    def serve(app) -> str:
-        port = free_port()
-        started.append(start_uvicorn(app, port))
-        return f"http://127.0.0.1:{port}"
+    from live_server import serving
 
-    yield serve
-    for server, thread in started:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with contextlib.ExitStack() as started:
+        yield lambda app: started.enter_context(serving(app, free_port()))
 
 
 @pytest.fixture(scope="session")
 def service(tiny_checkpoint, small_index):
     """A real uvicorn serving the tiny checkpoint; yields (base_url, app)."""
+    from live_server import serving
+
     from service.app import create_app
     from service.settings import Settings
 
@@ -255,7 +214,5 @@ def service(tiny_checkpoint, small_index):
         max_tokens=160,
     )  # fmt: skip
     app = create_app(settings)
-    server, thread = start_uvicorn(app, port)
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(app, port) as url:
+        yield url, app

@@ -64,13 +64,6 @@ class RLConfig:
     save_steps: int = 20
 
 
-@dataclass
-class RolloutBatch:
-    """What one `rollout_func` call produced, kept for the memorization loss."""
-
-    memorize: list[tuple[list[int], list[int]]]  # (prompt ids, rewritten completion ids)
-
-
 def run_rl(cfg: RLConfig) -> dict:
     """Train, export the policy to `cfg.out` (HF directory + agent.json), return a report with
     the per-step log (reward, EM, searches)."""
@@ -166,7 +159,8 @@ class _Policy:
         self.retriever = retriever
         self.cfg = cfg
         self.loop: AgentLoop | None = None
-        self.last = RolloutBatch([])
+        # the last rollouts' memorization rows: (prompt ids, rewritten completion ids)
+        self.memorize: list[tuple[list[int], list[int]]] = []
         self._seed = cfg.seed * 1_000_003
         # one event loop for every rollout: the retriever (a dense index's micro-batcher) and
         # the engine's deliveries stay bound to the loop they first ran on
@@ -200,9 +194,7 @@ class _Policy:
             "logprobs": None,
             "rollout": [rewards.rollout_from(f) for f in finished],
         }
-        self.last = RolloutBatch(
-            self._memorize(prompts, finished) if self.cfg.stage == "plus" else []
-        )
+        self.memorize = self._memorize(prompts, finished) if self.cfg.stage == "plus" else []
         return out
 
     def _memorize(self, prompts: list[str], finished: list[Finished]) -> list:
@@ -277,9 +269,9 @@ def _make_trainer(model, args, dataset, processing, policy: _Policy, cfg: RLConf
     class Trainer(GRPOTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if cfg.stage != "plus" or not policy.last.memorize or not model.training:
+            if cfg.stage != "plus" or not policy.memorize or not model.training:
                 return loss
-            nll = memorization_nll(model, policy.last.memorize, processing.pad_token_id)
+            nll = memorization_nll(model, policy.memorize, processing.pad_token_id)
             self._metrics["train"]["memorization_nll"].append(nll.item())
             return loss + cfg.mu * nll
 

@@ -8,6 +8,7 @@ import json
 import httpx
 import openai
 import pytest
+from live_server import serving
 
 from service.chat import conversation
 from service.protocol import ChatMessage
@@ -18,22 +19,8 @@ ANSWER = "Krendeimpe"
 
 @pytest.fixture(scope="module")
 def url(demo_app, free_port):
-    import threading
-    import time
-
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(demo_app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(demo_app, free_port()) as base:
+        yield base
 
 
 def chat(url: str, **fields) -> dict:

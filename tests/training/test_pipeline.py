@@ -23,8 +23,8 @@ def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
         "sft": {"em": 0.72, "cover_em": 0.73, "f1": 0.722, "avg_searches": 0.98},
         "rl-plus": {"em": 0.7, "cover_em": 0.75, "f1": 0.71, "avg_searches": 0.5},
     }
-    cfg = PipelineConfig(timings={"sft": 600.0, "rl-stage1": 120.0})
-    text = results_markdown(cfg, scores, png, 900.0)
+    timings = {"sft": 600.0, "rl-stage1": 120.0}
+    text = results_markdown(PipelineConfig(), scores, png, 900.0, timings)
     assert "| sft | 0.720 | 0.730 | 0.722 | 0.98 |" in text
     assert "| rl-plus | 0.700 | 0.750 | 0.710 | 0.50 |" in text
     assert "Total: 15.0 minutes" in text and "sft 10.0 min" in text and png.as_posix() in text
@@ -36,5 +36,5 @@ def test_a_worse_final_checkpoint_is_not_installed():
     worse = {"rl-plus": {**row, "em": 0.1}, "committed sft": {**row, "em": 0.72}}
     better = {"rl-plus": {**row, "em": 0.75}, "committed sft": {**row, "em": 0.72}}
     assert not installs(worse) and installs(better)
-    text = results_markdown(PipelineConfig(), worse, PipelineConfig().plots / "rl.png", 60.0)
+    text = results_markdown(PipelineConfig(), worse, PipelineConfig().plots / "rl.png", 60.0, {})
     assert "was not installed" in text and "| committed sft | 0.720 |" in text

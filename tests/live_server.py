@@ -1,8 +1,7 @@
-"""Real servers for a whole test module: `serving(app, port)` runs an app under uvicorn in a
-thread; `serving_process(args, port, env, log)` runs `python -m service.cli ARGS` as a process.
-
-conftest's `serve_app` is per test, and its `serve_cli` keeps the server's stderr in a pipe no one
-reads while the server runs (a thousand logged requests would fill it and block the server). The
+"""Real servers for tests: `serving(app, port)` runs an app under uvicorn in a thread;
+`serving_process(args, port, env, log)` runs `python -m service.cli ARGS` as a process, its output
+in a file (a pipe no one reads while the server runs would fill and block it). conftest's
+fixtures are built on these, and a module can use them directly for a module-wide server. The
 fuzz module needs the process: a server in the test's own interpreter shares its recursion limit,
 which Hypothesis raises and lowers around every example, while the fuzzer sends 200,000-deep JSON.
 """
@@ -43,7 +42,9 @@ def serving(app, port: int) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serving_process(args: list[str], port: int, env: dict[str, str], log: Path) -> Iterator[str]:
+def serving_process(
+    args: list[str], port: int, env: dict[str, str], log: Path, timeout_s: float = 120
+) -> Iterator[str]:
     """The CLI server until `/health` answers; its stdout and stderr go to `log`."""
     cmd = [sys.executable, "-m", "service.cli", *args, "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
@@ -52,7 +53,7 @@ def serving_process(args: list[str], port: int, env: dict[str, str], log: Path) 
             cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}
         )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout_s
         while not _healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"{' '.join(args[:1])} did not start: {log.read_text()[-2000:]}")
