@@ -5,7 +5,7 @@ DEMO ?= artifacts/demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo serve test lint train train-sft clean-demo
+.PHONY: install demo serve test lint train train-sft retro clean-demo
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ train: install
 
 train-sft: install
 	$(BIN)/searchagent train sft --out $(DEMO)/sft
+
+retro: demo
+	SEARCHAGENT=$(BIN)/searchagent bash scripts/retro_demo.sh $(DEMO)/retro
 
 clean-demo:
 	rm -rf $(DEMO)/world $(DEMO)/world2 $(DEMO)/index

@@ -18,12 +18,14 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-call sampling settings. `temperature == 0` means greedy."""
+    """Per-call sampling settings. `temperature == 0` means greedy. `banned_ids` are never
+    sampled in this call (Retro-Search bans the token that took a path, to roll out another)."""
 
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    banned_ids: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

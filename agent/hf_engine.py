@@ -406,6 +406,9 @@ def _generator(seed: int | None) -> torch.Generator | None:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
+    if params.banned_ids:
+        logits = logits.clone()
+        logits[sorted(params.banned_ids)] = float("-inf")
     if params.temperature < _GREEDY_BELOW:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.cpu().float() / params.temperature, dim=-1)

@@ -57,6 +57,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._inner.get_vocab_size(with_added_tokens=True)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token string and its id, added tokens included."""
+        return self._inner.get_vocab(with_added_tokens=True)
+
     def token_id(self, token: str) -> int:
         tid = self._inner.token_to_id(token)
         if tid is None:

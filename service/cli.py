@@ -8,7 +8,10 @@ training code and `index build` never loads torch.
   searchagent eval --model DIR --index DIR --data FILE.jsonl [--limit N] [--json]
   searchagent eval --predictions FILE.jsonl [--format r1-searcher] [--json]   (no model)
   searchagent train sft --out DIR [--worlds N --per-world N --steps N]
+  searchagent train sft --init DIR --data FILE --out DIR   (distil a retro dataset)
   searchagent train rl --init DIR --out DIR [--stage 1|2|plus --steps N]
+  searchagent retro --policy DIR --revisor DIR --data FILE --out FILE [--originals FILE]
+  searchagent retro --revisor DIR --traces FILE --out FILE     (revise traces already made)
   searchagent world build --out DIR [--seed N]
   searchagent demo build --out DIR     (world/, world2/, index/, sft/ — whatever is missing)
 
@@ -188,15 +191,37 @@ def _print_report(report: dict, as_json: bool) -> None:
 
 
 def _train_sft(args: argparse.Namespace) -> None:
+    from training.oracle import Waste
     from training.sft import SFTConfig, run_sft
 
+    if args.init is not None and not (args.init / "config.json").is_file():
+        _fail(f"--init: {args.init} is not a checkpoint directory (no config.json)")
+    if args.data is not None and not args.data.is_file():
+        _fail(f"--data: {args.data} does not exist")
+    if args.data is not None and args.init is None:
+        _fail("--data needs --init: a distillation dataset fine-tunes an existing checkpoint")
+    try:
+        keep = tuple(int(i) for i in args.keep_layers.split(",")) if args.keep_layers else None
+    except ValueError:
+        _fail(f"--keep-layers: expected comma-separated layer numbers, got {args.keep_layers!r}")
+    if keep is not None and args.init is None:
+        _fail("--keep-layers needs --init: it keeps layers of that checkpoint")
+    for flag, value in (("--detour", args.detour), ("--recheck", args.recheck)):
+        if not 0.0 <= value <= 1.0:
+            _fail(f"{flag}: a probability in [0, 1], got {value}")
     cfg = SFTConfig(
         out=args.out,
         init=args.init,
+        keep_layers=keep,
+        data=args.data,
+        waste=Waste(detour=args.detour, recheck=args.recheck),
         world_seeds=tuple(range(args.first_world, args.first_world + args.worlds)),
         per_world=args.per_world,
         steps=args.steps,
         copy_steps=args.copy_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(run_sft(cfg)))
@@ -228,6 +253,74 @@ def _train_rl(args: argparse.Namespace) -> None:
     )
     report = run_rl(cfg)
     print(json.dumps({k: v for k, v in report.items() if k != "log"}))
+
+
+def _retro(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from agent.checkpoint import load_format, load_tokenizer
+    from agent.hf_engine import TransformersEngine
+    from retrieval.index import load_index
+    from training.retro_search import RetroConfig, RetroSearch, read_traces, write_dataset
+
+    if (args.data is None) == (args.traces is None):
+        _fail("give --data (questions the policy answers) or --traces (traces to revise)")
+    if args.data is not None and args.policy is None:
+        _fail("--data needs --policy, the checkpoint that answers the questions")
+    if args.policy is None:
+        args.policy = args.revisor  # --traces: the revisor's tokenizer and format read them
+    for flag, path in (("--policy", args.policy / "config.json"),
+                       ("--revisor", args.revisor / "config.json"),
+                       ("--index", args.index), ("--data", args.data or args.traces),
+                       ("--traces", args.traces or args.data)):  # fmt: skip
+        if not path.exists():
+            _fail(f"{flag}: {path} does not exist")
+    if args.samples < 1 or not 0.0 < args.gamma <= 1.0 or args.concurrency < 1:
+        _fail("--samples and --concurrency must be at least 1, --gamma in (0, 1]")
+    rows = []
+    for n, row in _read_jsonl(args.data or args.traces, args.limit):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("question"), str)
+            or not (isinstance(row.get("answer"), (str, list)))
+        ):
+            _fail(f"{args.data}:{n}: a row needs a string 'question' and an 'answer'")
+        rows.append(row)
+    if not rows:
+        _fail(f"{args.data}: no questions in the file")
+    fmt = load_format(args.policy)
+    if load_format(args.revisor) != fmt:
+        _fail("--revisor: its tag format (agent.json) differs from the policy's")
+    policy = TransformersEngine(args.policy, load_tokenizer(args.policy, fmt), device=args.device)
+    same = args.revisor.resolve() == args.policy.resolve()
+    revisor = policy if same else TransformersEngine(
+        args.revisor, load_tokenizer(args.revisor, fmt), device=args.device
+    )  # fmt: skip
+    cfg = RetroConfig(
+        gamma=args.gamma,
+        samples=args.samples,
+        temperature=args.temperature,
+        policy_temperature=args.policy_temperature,
+        top_k=args.top_k,
+        concurrency=args.concurrency,
+        seed=args.seed,
+    )
+    try:
+        retro = RetroSearch(policy, revisor, load_index(args.index), fmt, cfg)
+    except ValueError as exc:
+        _fail(f"--revisor: {exc}")
+    traces = None
+    if args.traces is not None:
+        try:
+            rows, traces = read_traces(args.traces, policy.tokenizer, fmt)
+        except ValueError as exc:
+            _fail(str(exc))
+        rows, traces = rows[: args.limit], traces[: args.limit]
+    revisions, report = asyncio.run(retro.run(rows, traces))
+    write_dataset(args.out, revisions, policy.tokenizer, "revised")
+    if args.originals is not None:
+        write_dataset(args.originals, revisions, policy.tokenizer, "original")
+    print(json.dumps(report))
 
 
 def _train_pipeline(args: argparse.Namespace) -> None:
@@ -327,6 +420,13 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--per-world", type=int, default=300)
     sft.add_argument("--steps", type=int, default=500)
     sft.add_argument("--copy-steps", type=int, default=1500, help="at most")
+    sft.add_argument("--lr", type=float, default=1e-3)
+    sft.add_argument("--batch-size", type=int, default=16)
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--data", type=Path, help="a distillation jsonl (searchagent retro --out)")
+    sft.add_argument("--keep-layers", help="e.g. 0,3: a smaller model from --init's layers")
+    sft.add_argument("--detour", type=float, default=0.0, help="oracle detour rate per hop")
+    sft.add_argument("--recheck", type=float, default=0.0, help="oracle recheck rate per hop")
     sft.set_defaults(func=_train_sft)
     rl = t.add_parser("rl", help="outcome RL (GRPO) with retrieval in the loop")
     rl.add_argument("--init", type=Path, required=True, help="checkpoint to start from")
@@ -355,6 +455,25 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--rl-steps", type=int, default=15, help="per RL stage")
     pl.add_argument("--eval-limit", type=int, default=100, help="test questions")
     pl.set_defaults(func=_train_pipeline)
+
+    rt = sub.add_parser("retro", help="Retro-Search: revise policy traces into shorter ones")
+    rt.add_argument("--policy", type=Path, help="checkpoint whose traces to revise")
+    rt.add_argument("--revisor", type=Path, required=True, help="checkpoint that revises them")
+    rt.add_argument("--data", type=Path, help="jsonl of question/answer rows for the policy")
+    rt.add_argument("--traces", type=Path, help="or: revise these (a retro --originals file)")
+    rt.add_argument("--out", type=Path, required=True, help="distillation jsonl (revised)")
+    rt.add_argument("--originals", type=Path, help="also write the unrevised rows here")
+    rt.add_argument("--index", type=Path, default=Path("artifacts/demo/index"))
+    rt.add_argument("--limit", type=int)
+    rt.add_argument("--samples", type=int, default=2, help="revisor rollouts per decision point")
+    rt.add_argument("--temperature", type=float, default=0.7, help="of the revisor's rollouts")
+    rt.add_argument("--policy-temperature", type=float, default=0.7)
+    rt.add_argument("--gamma", type=float, default=0.99)
+    rt.add_argument("--top-k", type=int, default=3)
+    rt.add_argument("--concurrency", type=int, default=32)
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--device", help="cpu or cuda")
+    rt.set_defaults(func=_retro)
 
     w = sub.add_parser("world", help="demo worlds").add_subparsers(dest="action", required=True)
     wb = w.add_parser("build", help="generate a world: corpus and question splits")

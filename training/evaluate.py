@@ -119,7 +119,8 @@ def prediction_row(obj: object, fmt: TagFormat) -> dict:
 
 def score_rows(rows: Iterable[dict]) -> dict:
     """Aggregate rows with `pred`, `answer`, `searches`, optional `type` and optional `judge`
-    (an LLM judge's verdict; `llm_judge` is reported when every row of a group has one)."""
+    (an LLM judge's verdict; `llm_judge` is reported when every row of a group has one) and
+    optional `tokens` (generated tokens; `avg_tokens` when every row has them)."""
     totals: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         scored = {
@@ -130,6 +131,8 @@ def score_rows(rows: Iterable[dict]) -> dict:
         }
         if "judge" in row:
             scored["judge"] = float(row["judge"])
+        if "tokens" in row:
+            scored["tokens"] = float(row["tokens"])
         totals["all"].append(scored)
         if "type" in row:
             totals[str(row["type"])].append(scored)
@@ -143,6 +146,8 @@ def score_rows(rows: Iterable[dict]) -> dict:
         if n and all("judge" in i for i in items):
             avg["llm_judge"] = round(sum(i["judge"] for i in items) / n, 4)
         avg["avg_searches"] = round(sum(i["searches"] for i in items) / n, 4) if n else 0.0
+        if n and all("tokens" in i for i in items):
+            avg["avg_tokens"] = round(sum(i["tokens"] for i in items) / n, 2)
         return {"n": n, **avg}
 
     report = mean(totals.pop("all", []))
@@ -151,21 +156,31 @@ def score_rows(rows: Iterable[dict]) -> dict:
     return report
 
 
-async def predict(loop: AgentLoop, question: str) -> tuple[str, int]:
+async def predict(loop: AgentLoop, question: str) -> tuple[str, int, int]:
+    """(answer, searches, generated tokens) of one greedy run."""
     finished = None
     async for event in loop.run(loop.prompt_ids(question), RunParams(SamplingParams())):
         if isinstance(event, Finished):
             finished = event
     assert finished is not None
-    return finished.trajectory.answer or "", finished.usage.searches
+    usage = finished.usage
+    return finished.trajectory.answer or "", usage.searches, usage.completion_tokens
 
 
-async def evaluate_loop(loop: AgentLoop, rows: list[dict]) -> list[dict]:
-    out = []
-    for row in tqdm(rows, desc="eval", unit="q"):
-        pred, searches = await predict(loop, row["question"])
-        out.append({**row, "pred": pred, "searches": searches})
-    return out
+async def evaluate_loop(loop: AgentLoop, rows: list[dict], concurrency: int = 16) -> list[dict]:
+    """Every row through the loop, `concurrency` at a time (the engine batches them); in order."""
+    gate = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=len(rows), desc="eval", unit="q")
+
+    async def one(row: dict) -> dict:
+        async with gate:
+            pred, searches, tokens = await predict(loop, row["question"])
+        bar.update(1)
+        return {**row, "pred": pred, "searches": searches, "tokens": tokens}
+
+    out = await asyncio.gather(*(one(row) for row in rows))
+    bar.close()
+    return list(out)
 
 
 def evaluate_model(model_dir: Path, index_dir: Path, rows: list[dict], top_k: int = 3) -> dict:

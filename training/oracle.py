@@ -9,6 +9,7 @@ needed fact is dropped: the model must never learn to answer from nothing.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from agent.engine import SamplingParams
@@ -42,10 +43,39 @@ RELATIONS: dict[str, Relation] = {
 }
 
 
-def oracle_segments(question: dict, fmt: TagFormat) -> list[str]:
+@dataclass(frozen=True)
+class Waste:
+    """How often an oracle trace wastes effort the ways search agents do, per hop: a *detour*
+    switches to another line of inquiry before the hop's search ("Alternatively, I could look up
+    ...", searches it, comes back); a *recheck* re-searches the fact just found ("Wait, let me
+    double-check ..."). A policy trained on such traces wastes at these rates, which is what the
+    demo's Retro-Search runs revise away. The default wastes nothing."""
+
+    detour: float = 0.0
+    recheck: float = 0.0
+
+
+# Relations asked of the same kind of entity: where a detour goes instead.
+_SIBLINGS = (
+    ("born_in", "birth_year", "married_to", "works_for"),
+    ("founded_by", "founded_in", "headquartered_in"),
+    ("directed_by", "written_by", "released_in"),
+)
+
+
+def oracle_segments(
+    question: dict, fmt: TagFormat, waste: Waste = Waste(), rng: random.Random | None = None
+) -> list[str]:
     """The oracle's text for each round: think + search, ..., think + answer.
 
     Every name follows a space and every tag is followed by a space (see `agent.tags`)."""
+    return _plan(question, fmt, waste, rng or random.Random(0))[0]
+
+
+def _plan(
+    question: dict, fmt: TagFormat, waste: Waste, rng: random.Random
+) -> tuple[list[str], list[int | None]]:
+    """(segments, for each search the chain step it looks up, None for a detour)."""
     steps = question["chain"]
 
     def need(step: dict) -> str:
@@ -58,23 +88,50 @@ def oracle_segments(question: dict, fmt: TagFormat) -> list[str]:
         query = f"{step['entity']} {RELATIONS[step['relation']].keyword}"
         return f"{fmt.search_open} {query}{fmt.search_close}"
 
-    think_open, think_close = fmt.think_open, fmt.think_close
-    segments = [f"{think_open} I need {need(steps[0])}.{think_close}{search(steps[0])}"]
-    for prev, step in zip(steps, steps[1:], strict=False):
-        thought = f" {fact(prev)}. Next I need {need(step)}."
-        segments.append(f"{think_open}{thought}{think_close}{search(step)}")
+    def think(text: str) -> str:
+        return f"{fmt.think_open}{text}{fmt.think_close}"
+
+    segments: list[str] = []
+    looks_up: list[int | None] = []
+    for i, step in enumerate(steps):
+        thought = f" I need {need(step)}." if i == 0 else f" {fact(steps[i - 1])}. Next I need"
+        thought += "" if i == 0 else f" {need(step)}."
+        if rng.random() < waste.detour:
+            other = {**step, "relation": _sibling(step["relation"], rng)}
+            detour = f" Alternatively, I could look up {need(other)} first."
+            segments.append(think(thought + detour) + search(other))
+            looks_up.append(None)
+            thought = f" That is not what I need. I need {need(step)}."
+        segments.append(think(thought) + search(step))
+        looks_up.append(i)
+        if rng.random() < waste.recheck:
+            recheck = f" {fact(step)}. Wait, let me double-check {need(step)}."
+            segments.append(think(recheck) + search(step))
+            looks_up.append(i)
     facts = [steps[-1]] if question["type"] != "comparison" else steps
     summary = " ".join(f"{fact(s)}." for s in facts)
     answer = f"{fmt.answer_open} {question['answer']}{fmt.answer_close}"
-    segments.append(f"{think_open} {summary}{think_close}{answer}")
-    return segments
+    segments.append(think(f" {summary}") + answer)
+    return segments, looks_up
+
+
+def _sibling(relation: str, rng: random.Random) -> str:
+    group = next((g for g in _SIBLINGS if relation in g), tuple(RELATIONS))
+    return rng.choice([r for r in group if r != relation])
 
 
 async def oracle_trajectory(
-    question: dict, tokenizer: Tokenizer, retriever: Retriever, fmt: TagFormat, top_k: int
+    question: dict,
+    tokenizer: Tokenizer,
+    retriever: Retriever,
+    fmt: TagFormat,
+    top_k: int,
+    waste: Waste = Waste(),
+    rng: random.Random | None = None,
 ) -> Trajectory | None:
     """Run the oracle through the real loop; None when retrieval missed a needed fact."""
-    segments = [tokenizer.encode(s) for s in oracle_segments(question, fmt)]
+    texts, looks_up = _plan(question, fmt, waste, rng or random.Random(0))
+    segments = [tokenizer.encode(s) for s in texts]
     engine = ScriptedEngine(tokenizer, segments)
     loop = AgentLoop(engine, retriever, fmt, Limits(max_tokens=4096, max_context=8192))
     params = RunParams(SamplingParams(), top_k=top_k)
@@ -84,10 +141,10 @@ async def oracle_trajectory(
             finished = event
     assert finished is not None
     traj = finished.trajectory
-    if traj.answer != question["answer"] or len(traj.searches) != len(question["chain"]):
+    if traj.answer != question["answer"] or len(traj.searches) != len(looks_up):
         return None
-    for step, record in zip(question["chain"], traj.searches, strict=True):
+    for i, record in zip(looks_up, traj.searches, strict=True):
         shown = " ".join(f"{p.title}: {p.text}" for p in record.passages)
-        if f" {step['value']}" not in f" {shown}":
+        if i is not None and f" {question['chain'][i]['value']}" not in f" {shown}":
             return None
     return traj

@@ -103,7 +103,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         "seconds": round(time.monotonic() - t0, 1),
         "plot": str(plot),
     }
-    cfg.results.write_text(results_markdown(cfg, scores, plot, time.monotonic() - t0, timings))
+    write_results(cfg.results, results_markdown(cfg, scores, plot, time.monotonic() - t0, timings))
     (cfg.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -142,6 +142,18 @@ def plot_rl(out: Path, plots: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# RESULTS.md's other part, written by hand from scripts/retro_demo.sh: a rewrite keeps it.
+KEPT_PART = "# Results — Retro-Search"
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write the pipeline's part of `path`, keeping the Retro-Search part after it."""
+    old = path.read_text() if path.is_file() else ""
+    at = old.find(KEPT_PART)
+    kept = old[at:] if at >= 0 else ""
+    path.write_text(text.rstrip("\n") + "\n" + (f"\n{kept}" if kept else ""))
 
 
 def results_markdown(

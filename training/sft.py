@@ -32,7 +32,7 @@ from agent.tags import DEFAULT, SPECIAL_TOKENS
 from agent.tokenizer import Tokenizer
 from retrieval.bm25 import BM25Retriever
 from training.model import ModelSize, create_model
-from training.oracle import oracle_segments, oracle_trajectory
+from training.oracle import Waste, oracle_segments, oracle_trajectory
 from training.tokenizer import save_tokenizer, train_tokenizer
 from training.world import (
     WorldConfig,
@@ -49,6 +49,9 @@ TYPE_MIX = {"1hop": 0.55, "2hop": 0.30, "comparison": 0.15}
 class SFTConfig:
     out: Path
     init: Path | None = None  # continue from this checkpoint (its tokenizer, no warm-up)
+    keep_layers: tuple[int, ...] | None = None  # of init's layers: a smaller model (see shrink)
+    data: Path | None = None  # train on this distillation jsonl (retro) instead of the oracle
+    waste: Waste = field(default_factory=Waste)  # wasteful oracle traces (demo policies)
     world_seeds: tuple[int, ...] = tuple(range(1000, 1040))
     world: WorldConfig = field(default_factory=WorldConfig)
     per_world: int = 300  # trajectories per world
@@ -67,9 +70,11 @@ class SFTConfig:
 
 def run_sft(cfg: SFTConfig) -> dict:
     t0 = time.monotonic()
+    if cfg.data is not None and cfg.init is None:
+        raise ValueError("training on a dataset (data) needs a checkpoint to start from (init)")
     # 1. worlds --------------------------------------------------------------------------
     worlds = []
-    for seed in tqdm(cfg.world_seeds, desc="worlds", unit="world"):
+    for seed in tqdm(() if cfg.data else cfg.world_seeds, desc="worlds", unit="world"):
         world = generate_world(_with_seed(cfg.world, seed))
         corpus = render_corpus(world)
         train = split_questions(make_questions(world), seed)["train"]
@@ -81,8 +86,11 @@ def run_sft(cfg: SFTConfig) -> dict:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(cfg.init / name, cfg.out / name)
     tokenizer = Tokenizer.from_dir(cfg.out, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
-    # 3. oracle trajectories -------------------------------------------------------------
-    rows = asyncio.run(_trajectories(worlds, tokenizer, cfg))
+    # 3. oracle trajectories, or a distillation dataset -----------------------------------
+    if cfg.data is not None:
+        rows = read_distillation(cfg.data)
+    else:
+        rows = asyncio.run(_trajectories(worlds, tokenizer, cfg))
     # 4–5. warm-up then SFT ----------------------------------------------------------------
     if cfg.init is None:
         model = create_model(
@@ -101,12 +109,14 @@ def run_sft(cfg: SFTConfig) -> dict:
             )  # fmt: skip
     else:
         model = _load_model(cfg.init)
+        if cfg.keep_layers is not None:
+            shrink(model, cfg.keep_layers)
     losses = _train(model, tokenizer, rows, cfg, cfg.steps, "sft")
     # 6. export ----------------------------------------------------------------------------
     export_checkpoint(model, cfg.out)
     report = {
         "trajectories": len(rows),
-        "worlds": len(cfg.world_seeds),
+        "worlds": 0 if cfg.data else len(cfg.world_seeds),
         "final_loss": losses[-1] if losses else None,
         "seconds": round(time.monotonic() - t0, 1),
         "config": _jsonable(asdict(cfg)),
@@ -121,6 +131,44 @@ def export_checkpoint(model, out: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
     model.to(torch.float32)
     write_agent_json(out, DEFAULT)
+
+
+def shrink(model, keep: tuple[int, ...]) -> None:
+    """Keep only these decoder layers (in this order): a smaller model that starts from a larger
+    one's weights, for a weak revisor or a small student. Layer indices are renumbered, so the
+    KV cache and the saved config agree with the new depth."""
+    import torch
+
+    layers = model.model.layers
+    if not keep or any(not 0 <= i < len(layers) for i in keep):
+        raise ValueError(f"keep_layers must name layers of the {len(layers)} in the model")
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+
+
+def read_distillation(path: Path) -> list[dict]:
+    """Rows of a distillation jsonl (`training.retro_search.write_dataset`) as SFT rows: the loss
+    is on the completion's generated tokens; injected documents (its `env_spans`) get none."""
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt, completion = row["prompt_ids"], row["completion_ids"]
+            mask = [1] * len(completion)
+            for start, end in row["env_spans"]:
+                mask[start:end] = [0] * (end - start)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a distillation row ({e})") from None
+        rows.append({"input_ids": prompt + completion, "assistant_masks": [0] * len(prompt) + mask})
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
 
 
 def _load_model(path: Path):
@@ -165,7 +213,9 @@ async def _trajectories(worlds, tokenizer: Tokenizer, cfg: SFTConfig) -> list[di
     for corpus, train in worlds:
         retriever = BM25Retriever.build(corpus)
         for q in _sample_questions(train, cfg.per_world, rng):
-            traj = await oracle_trajectory(q, tokenizer, retriever, DEFAULT, cfg.top_k)
+            traj = await oracle_trajectory(
+                q, tokenizer, retriever, DEFAULT, cfg.top_k, cfg.waste, rng
+            )
             bar.update(1)
             if traj is None:
                 dropped += 1

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import json
 
-from training.pipeline import RL_STAGES, PipelineConfig, installs, plot_rl, results_markdown
+from training.pipeline import (
+    KEPT_PART,
+    RL_STAGES,
+    PipelineConfig,
+    installs,
+    plot_rl,
+    results_markdown,
+    write_results,
+)
 
 
 def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
@@ -38,3 +46,14 @@ def test_a_worse_final_checkpoint_is_not_installed():
     assert not installs(worse) and installs(better)
     text = results_markdown(PipelineConfig(), worse, PipelineConfig().plots / "rl.png", 60.0, {})
     assert "was not installed" in text and "| committed sft | 0.720 |" in text
+
+
+def test_rewriting_results_keeps_the_retro_search_part(tmp_path):
+    """Guards against `make train` erasing the Retro-Search results written after it."""
+    path = tmp_path / "RESULTS.md"
+    write_results(path, "# pipeline, first run\n")
+    assert path.read_text() == "# pipeline, first run\n"
+    retro = f"{KEPT_PART}\n\n| set | EM |\n|---|---|\n| self | 0.7 |\n"
+    path.write_text(path.read_text() + "\n" + retro)
+    write_results(path, "# pipeline, second run\n\nnumbers\n")
+    assert path.read_text() == f"# pipeline, second run\n\nnumbers\n\n{retro}"
