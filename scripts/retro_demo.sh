@@ -17,8 +17,8 @@ step() { [ -e "$1" ] && echo "have $1" || { echo "== $1"; shift; "$@"; }; }
 WASTE=(--detour 0.65 --recheck 0.65 --worlds 8 --per-world 200 --batch-size 8 --lr 5e-4)
 step "$OUT/policy/config.json" $SA train sft --init $DEMO/sft --out "$OUT/policy" \
   --steps 100 "${WASTE[@]}"
-# 2. the smaller one: 2 of the committed SFT's 4 layers, fine-tuned on the same kind of traces
-step "$OUT/small/config.json" $SA train sft --init $DEMO/sft --keep-layers 0,3 \
+# 2. the smaller one: the committed SFT's first 2 of 4 layers, fine-tuned on the same traces
+step "$OUT/small/config.json" $SA train sft --init $DEMO/sft --keep-layers 0,1 \
   --out "$OUT/small" --first-world 1020 --steps 150 "${WASTE[@]}"
 # 3. the policy's traces on train questions, revised by itself (self-improvement) ...
 step "$OUT/self.jsonl" $SA retro --policy "$OUT/policy" --revisor "$OUT/policy" \

@@ -317,6 +317,15 @@ def _retro(args: argparse.Namespace) -> None:
             _fail(str(exc))
         rows, traces = rows[: args.limit], traces[: args.limit]
     revisions, report = asyncio.run(retro.run(rows, traces))
+    engines = {"engine": policy} if revisor is policy else {"policy": policy, "revisor": revisor}
+    for name, engine in engines.items():  # batching: tokens per decode step
+        stats = engine.stats
+        report[name if name == "engine" else f"{name}_engine"] = {
+            "decode_tokens": stats.decode_tokens,
+            "decode_steps": stats.decode_steps,
+            "mean_batch": round(stats.decode_tokens / max(1, stats.decode_steps), 2),
+            "decode_tokens_per_s": round(stats.decode_tokens / max(1e-9, report["seconds"]), 1),
+        }
     write_dataset(args.out, revisions, policy.tokenizer, "revised")
     if args.originals is not None:
         write_dataset(args.originals, revisions, policy.tokenizer, "original")

@@ -221,8 +221,9 @@ class RetroSearch:
             point = next((p for p in points if p.at >= at), None)
             if point is None:
                 return rev
+            samples = self.cfg.samples if self.cfg.temperature > 0 else 1  # greedy: all alike
             rollouts = await asyncio.gather(
-                *(self.rollout(rev.revised, point, seed) for seed in range(self.cfg.samples))
+                *(self.rollout(rev.revised, point, seed) for seed in range(samples))
             )
             rev.rollouts += len(rollouts)
             best = max(rollouts, key=lambda t: value(t, gold, self.cfg.gamma))
@@ -236,6 +237,8 @@ class RetroSearch:
         prefix = trace.completion_ids[: point.at]
         mask = trace.env_mask[: point.at]
         context = trace.prompt_ids + prefix
+        if len(context) + 1 >= self.revisor.limits.max_context:
+            return self._trace(trace.prompt_ids, prefix, mask)  # no room: no answer, no value
         first = SamplingParams(
             max_tokens=1,
             temperature=self.cfg.temperature,

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from agent.checkpoint import load_format, load_tokenizer
 from agent.engine import SamplingParams, StopSpec
@@ -43,6 +44,29 @@ def test_continuation_prefills_only_the_new_tokens(engine):
     assert engine.stats.prefill_tokens - before[0] == len(injected) + 1
     assert engine.stats.reused_tokens - before[1] == len(prompt) + len(first) - 1
     assert len(second) == 12
+
+
+def test_banned_ids_are_never_sampled(engine):
+    """Guards against a ban that leaks (Retro-Search rolls out the path not taken by banning
+    the token that took it): greedy picks the next-best token, sampling never draws a banned one."""
+    tok = engine.tokenizer
+    prompt = [tok.bos_id] + tok.encode(" question: Where was Gal Borin born? ")
+
+    async def first(params: SamplingParams) -> int:
+        ids = [i async for chunk in engine.generate(prompt, params, StopSpec()) for i in chunk.ids]
+        assert len(ids) == 1
+        return ids[0]
+
+    greedy = asyncio.run(first(SamplingParams(max_tokens=1)))
+    ban = frozenset({greedy})
+    second = asyncio.run(first(SamplingParams(max_tokens=1, banned_ids=ban)))
+    assert second != greedy
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([prompt])).logits[0, -1]
+    assert logits.topk(2).indices.tolist() == [greedy, second]
+    for seed in range(20):
+        hot = SamplingParams(max_tokens=1, temperature=5.0, seed=seed, banned_ids=ban)
+        assert asyncio.run(first(hot)) != greedy
 
 
 def test_reused_prefix_gives_the_same_tokens_as_a_fresh_engine(engine, tiny_checkpoint):

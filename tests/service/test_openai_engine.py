@@ -255,14 +255,14 @@ class Replay:
         return StreamingResponse(body(), media_type="text/event-stream")
 
 
-def replay_run(serve_app, replay, tok, stop=StopSpec(), **kw):
+def replay_run(serve_app, replay, tok, stop=StopSpec(), params=GREEDY, **kw):
     url = serve_app(replay.app)
 
     async def go():
         engine = OpenAIEngine(url, tok, "demo", **kw)
         chunks = []
         try:
-            async with aclosing(engine.generate(PROMPT, GREEDY, stop)) as it:
+            async with aclosing(engine.generate(PROMPT, params, stop)) as it:
                 async for chunk in it:
                     chunks.append(chunk)
         finally:
@@ -288,8 +288,17 @@ def test_replayed_vllm_stream_with_token_ids(serve_app, tok):
     assert body["stop_token_ids"] == [tok.eos_id, 4, 8] and body["stop"] == ["</answer>"]
     assert body["include_stop_str_in_output"] is True and body["skip_special_tokens"] is False
     assert body["return_token_ids"] is True and body["max_tokens"] == GREEDY.max_tokens
-    assert body["temperature"] == 0.0 and "seed" not in body
+    assert body["temperature"] == 0.0 and "seed" not in body and "logit_bias" not in body
     assert replay.headers[0]["authorization"] == "Bearer sk-test"
+
+
+def test_banned_ids_go_to_the_server_as_logit_bias(serve_app, tok):
+    """Guards against Retro-Search rollouts on vLLM taking the path they must not: banned ids
+    are sent as OpenAI's logit_bias of -100 (a ban in vLLM), keyed by the id as a string."""
+    replay = Replay(WITH_IDS)
+    params = SamplingParams(max_tokens=8, banned_ids=frozenset({5, 17}))
+    replay_run(serve_app, replay, tok, params=params)
+    assert replay.bodies[0]["logit_bias"] == {"5": -100, "17": -100}
 
 
 def test_replayed_stream_without_token_ids_falls_back_to_retokenizing(serve_app, tok):
