@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Retro-Search demo behind RESULTS.md ("Retro-Search"): two wasteful demo policies, traces
 # revised by the policy itself and by the smaller one, and students distilled from each.
-#   bash scripts/retro_demo.sh [OUT]        (make retro; ~1 h on 2 CPU cores)
+#   bash scripts/retro_demo.sh [OUT]        (make retro; ~2 h on 2 CPU cores)
 # Every step skips its output when it already exists, so an interrupted run resumes.
 set -euo pipefail
 OUT=${1:-artifacts/demo/retro}
