@@ -113,6 +113,11 @@ class AgentLoop:
         self._docs_before = tok.encode(before)
         self._docs_after = tok.encode(after)
 
+    @property
+    def stop(self) -> StopSpec:
+        """What ends a generated segment: the tags the loop acts on, and EOS."""
+        return self._stop
+
     def prompt_ids(
         self, question: str, history: Sequence[Turn] = (), system: str | None = None
     ) -> list[int]:

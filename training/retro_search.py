@@ -204,7 +204,7 @@ class RetroSearch:
         )
         self.policy = AgentLoop(policy, retriever, fmt, limits)
         self.revisor = AgentLoop(revisor, retriever, fmt, limits)
-        self._stop_ids = self.revisor._stop.token_ids
+        self._stop_ids = self.revisor.stop.token_ids
 
     async def trace(self, question: str, seed: int) -> Trace:
         """The policy's own trace for `question`, sampled."""
@@ -246,7 +246,7 @@ class RetroSearch:
             banned_ids=point.banned,
         )
         token: list[int] = []
-        async for chunk in self.revisor.engine.generate(context, first, self.revisor._stop):
+        async for chunk in self.revisor.engine.generate(context, first, self.revisor.stop):
             token += chunk.ids
         prefix, mask = prefix + token, mask + [1] * len(token)
         if not token or token[-1] in self._stop_ids:
@@ -260,7 +260,12 @@ class RetroSearch:
         return await self._run(self.revisor, trace.prompt_ids, prefix, mask, params)
 
     async def _run(
-        self, loop: AgentLoop, prompt: list[int], prefix: list[int], mask: list[int], params
+        self,
+        loop: AgentLoop,
+        prompt: list[int],
+        prefix: list[int],
+        mask: list[int],
+        params: RunParams,
     ) -> Trace:
         finished = None
         async for event in loop.run(prompt + prefix, params):
