@@ -64,6 +64,8 @@ class RunParams:
     top_k: int | None = None
     max_context: int | None = None
     deadline_s: float | None = None
+    # ids the model may not sample as its first token (Retro-Search rolls out the path not taken)
+    first_banned: frozenset[int] = frozenset()
 
     def clamp(self, limits: Limits) -> RunParams:
         def lower(value: int | None, cap: int) -> int:
@@ -113,11 +115,6 @@ class AgentLoop:
         self._docs_before = tok.encode(before)
         self._docs_after = tok.encode(after)
 
-    @property
-    def stop(self) -> StopSpec:
-        """What ends a generated segment: the tags the loop acts on, and EOS."""
-        return self._stop
-
     def prompt_ids(
         self, question: str, history: Sequence[Turn] = (), system: str | None = None
     ) -> list[int]:
@@ -157,7 +154,10 @@ class AgentLoop:
             segment: list[int] = []
             stop: _Stop = "length"
             context = traj.prompt_ids + traj.completion_ids
-            stream = self.engine.generate(context, sampling, self._stop)
+            if p.first_banned and not traj.completion_ids:
+                stream = self._banned_first(context, sampling, p.first_banned)
+            else:
+                stream = self.engine.generate(context, sampling, self._stop)
             try:
                 async with asyncio.timeout_at(deadline), aclosing(stream):
                     # closing the stream (cancellation, deadline) aborts the engine work at once
@@ -204,6 +204,32 @@ class AgentLoop:
         if traj.answer is not None:
             yield Answer(traj.answer)
         yield Finished(reason, usage, traj)
+
+    async def _banned_first(
+        self, context: list[int], sampling: SamplingParams, banned: frozenset[int]
+    ) -> AsyncIterator[TokenChunk]:
+        """One segment whose first token is sampled with `banned` excluded: one token, then the
+        rest as usual. (A stop string that starts in that first token is not seen.)"""
+        first = self.engine.generate(
+            context, replace(sampling, max_tokens=1, banned_ids=banned), self._stop
+        )
+        ids: list[int] = []
+        last: TokenChunk | None = None
+        async with aclosing(first):
+            async for chunk in first:
+                ids += chunk.ids
+                last = chunk
+        if last is None:
+            yield TokenChunk([], "length")
+            return
+        if last.finish_reason == "stop" or sampling.max_tokens <= len(ids):
+            yield replace(last, ids=ids)
+            return
+        yield TokenChunk(ids)  # the segment goes on
+        rest = replace(sampling, max_tokens=sampling.max_tokens - len(ids))
+        async with aclosing(self.engine.generate(context + ids, rest, self._stop)) as stream:
+            async for chunk in stream:
+                yield chunk
 
     def _stop_kind(self, chunk: TokenChunk) -> _Stop:
         if chunk.finish_reason == "length":

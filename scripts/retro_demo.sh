@@ -34,6 +34,7 @@ for set in original self w2s; do
 done
 # 6. held-out test EM, searches and generated tokens per question
 for model in policy small student-original student-self student-w2s; do
-  step "$OUT/eval-$model.json" sh -c "$SA eval --model '$OUT/$model' --index $DEMO/index \
-    --data $DEMO/world/test.jsonl --limit $EVAL --json | tail -1 > '$OUT/eval-$model.json'"
+  step "$OUT/eval-$model.json" bash -c "set -o pipefail; $SA eval --model '$OUT/$model' \
+    --index $DEMO/index --data $DEMO/world/test.jsonl --limit $EVAL --json | tail -1 \
+    > '$OUT/eval-$model.tmp' && mv '$OUT/eval-$model.tmp' '$OUT/eval-$model.json'"
 done

@@ -206,6 +206,10 @@ def _train_sft(args: argparse.Namespace) -> None:
         _fail(f"--keep-layers: expected comma-separated layer numbers, got {args.keep_layers!r}")
     if keep is not None and args.init is None:
         _fail("--keep-layers needs --init: it keeps layers of that checkpoint")
+    if keep is not None:
+        layers = json.loads((args.init / "config.json").read_text()).get("num_hidden_layers", 0)
+        if len(set(keep)) != len(keep) or not all(0 <= i < layers for i in keep):
+            _fail(f"--keep-layers: distinct layer numbers below {layers}, got {args.keep_layers}")
     for flag, value in (("--detour", args.detour), ("--recheck", args.recheck)):
         if not 0.0 <= value <= 1.0:
             _fail(f"{flag}: a probability in [0, 1], got {value}")
@@ -260,39 +264,55 @@ def _retro(args: argparse.Namespace) -> None:
 
     from agent.checkpoint import load_format, load_tokenizer
     from agent.hf_engine import TransformersEngine
-    from retrieval.index import load_index
+    from retrieval.index import IndexLoadError, load_index
     from training.retro_search import RetroConfig, RetroSearch, read_traces, write_dataset
 
     if (args.data is None) == (args.traces is None):
         _fail("give --data (questions the policy answers) or --traces (traces to revise)")
     if args.data is not None and args.policy is None:
         _fail("--data needs --policy, the checkpoint that answers the questions")
-    if args.policy is None:
-        args.policy = args.revisor  # --traces: the revisor's tokenizer and format read them
-    for flag, path in (("--policy", args.policy / "config.json"),
+    if args.traces is not None and args.policy is not None:
+        _fail("--traces are revised as they are: drop --policy")
+    policy_dir = args.policy or args.revisor  # --traces: read with the revisor's tokenizer
+    source = args.data or args.traces
+    for flag, path in (("--policy", policy_dir / "config.json"),
                        ("--revisor", args.revisor / "config.json"),
-                       ("--index", args.index), ("--data", args.data or args.traces),
-                       ("--traces", args.traces or args.data)):  # fmt: skip
+                       ("--index", args.index),
+                       ("--data" if args.data else "--traces", source)):  # fmt: skip
         if not path.exists():
             _fail(f"{flag}: {path} does not exist")
     if args.samples < 1 or not 0.0 < args.gamma <= 1.0 or args.concurrency < 1:
         _fail("--samples and --concurrency must be at least 1, --gamma in (0, 1]")
+    if args.limit is not None and args.limit < 1:
+        _fail("--limit must be at least 1")
     rows = []
-    for n, row in _read_jsonl(args.data or args.traces, args.limit):
-        if (
-            not isinstance(row, dict)
-            or not isinstance(row.get("question"), str)
-            or not (isinstance(row.get("answer"), (str, list)))
+    for n, row in _read_jsonl(source, args.limit):
+        answer = row.get("answer") if isinstance(row, dict) else None
+        if not isinstance(row.get("question") if isinstance(row, dict) else None, str) or not (
+            isinstance(answer, str)
+            or (isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer))
         ):
-            _fail(f"{args.data}:{n}: a row needs a string 'question' and an 'answer'")
+            _fail(f"{source}:{n}: a row needs a string 'question' and an 'answer' (string or list)")
         rows.append(row)
     if not rows:
-        _fail(f"{args.data}: no questions in the file")
-    fmt = load_format(args.policy)
+        _fail(f"{source}: no questions in the file")
+    fmt = load_format(policy_dir)
     if load_format(args.revisor) != fmt:
         _fail("--revisor: its tag format (agent.json) differs from the policy's")
-    policy = TransformersEngine(args.policy, load_tokenizer(args.policy, fmt), device=args.device)
-    same = args.revisor.resolve() == args.policy.resolve()
+    try:
+        retriever = load_index(args.index)
+    except IndexLoadError as exc:
+        _fail(f"--index: {exc}")
+    tokenizer = load_tokenizer(policy_dir, fmt)
+    traces = None
+    if args.traces is not None:  # checked before any model loads
+        try:
+            rows, traces = read_traces(args.traces, tokenizer, fmt)
+        except ValueError as exc:
+            _fail(str(exc))
+        rows, traces = rows[: args.limit], traces[: args.limit]
+    policy = TransformersEngine(policy_dir, tokenizer, device=args.device)
+    same = args.revisor.resolve() == policy_dir.resolve()
     revisor = policy if same else TransformersEngine(
         args.revisor, load_tokenizer(args.revisor, fmt), device=args.device
     )  # fmt: skip
@@ -306,16 +326,9 @@ def _retro(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     try:
-        retro = RetroSearch(policy, revisor, load_index(args.index), fmt, cfg)
+        retro = RetroSearch(policy, revisor, retriever, fmt, cfg)
     except ValueError as exc:
         _fail(f"--revisor: {exc}")
-    traces = None
-    if args.traces is not None:
-        try:
-            rows, traces = read_traces(args.traces, policy.tokenizer, fmt)
-        except ValueError as exc:
-            _fail(str(exc))
-        rows, traces = rows[: args.limit], traces[: args.limit]
     revisions, report = asyncio.run(retro.run(rows, traces))
     engines = {"engine": policy} if revisor is policy else {"policy": policy, "revisor": revisor}
     for name, engine in engines.items():  # batching: tokens per decode step

@@ -96,7 +96,7 @@ def _plan(
     for i, step in enumerate(steps):
         thought = f" I need {need(step)}." if i == 0 else f" {fact(steps[i - 1])}. Next I need"
         thought += "" if i == 0 else f" {need(step)}."
-        if rng.random() < waste.detour:
+        if waste.detour and rng.random() < waste.detour:  # no draw at 0: the plain SFT data
             other = {**step, "relation": _sibling(step["relation"], rng)}
             detour = f" Alternatively, I could look up {need(other)} first."
             segments.append(think(thought + detour) + search(other))
@@ -104,7 +104,7 @@ def _plan(
             thought = f" That is not what I need. I need {need(step)}."
         segments.append(think(thought) + search(step))
         looks_up.append(i)
-        if rng.random() < waste.recheck:
+        if waste.recheck and rng.random() < waste.recheck:
             recheck = f" {fact(step)}. Wait, let me double-check {need(step)}."
             segments.append(think(recheck) + search(step))
             looks_up.append(i)

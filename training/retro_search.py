@@ -43,6 +43,7 @@ from agent.tokenizer import Detokenizer, Tokenizer
 from agent.trace import parse_trace
 from retrieval.types import Retriever
 from training.evaluate import exact_match
+from training.sft import completion_mask
 
 SWITCH_WORDS = ("Wait", "Alternatively", "Hmm", "But wait", "On second thought")
 
@@ -58,6 +59,7 @@ class RetroConfig:
     max_tokens: int = 1024  # generated tokens per trace
     max_searches: int = 8
     concurrency: int = 32  # traces in flight: the engine batches their decode steps
+    deadline_s: float = 3600.0  # per run; a run past it counts as wrong
     seed: int = 0
 
 
@@ -201,10 +203,10 @@ class RetroSearch:
                 getattr(revisor, "max_context", 8192), getattr(policy, "max_context", 8192)
             ),
             top_k=cfg.top_k,
+            deadline_s=cfg.deadline_s,
         )
         self.policy = AgentLoop(policy, retriever, fmt, limits)
         self.revisor = AgentLoop(revisor, retriever, fmt, limits)
-        self._stop_ids = self.revisor.stop.token_ids
 
     async def trace(self, question: str, seed: int) -> Trace:
         """The policy's own trace for `question`, sampled."""
@@ -236,26 +238,15 @@ class RetroSearch:
         """The revisor's continuation of `trace` before `point`, the path taken banned there."""
         prefix = trace.completion_ids[: point.at]
         mask = trace.env_mask[: point.at]
-        context = trace.prompt_ids + prefix
-        if len(context) + 1 >= self.revisor.limits.max_context:
-            return self._trace(trace.prompt_ids, prefix, mask)  # no room: no answer, no value
-        first = SamplingParams(
-            max_tokens=1,
+        sampling = SamplingParams(
             temperature=self.cfg.temperature,
             seed=self.cfg.seed * 1_000_003 + seed * 7919 + point.at,
-            banned_ids=point.banned,
         )
-        token: list[int] = []
-        async for chunk in self.revisor.engine.generate(context, first, self.revisor.stop):
-            token += chunk.ids
-        prefix, mask = prefix + token, mask + [1] * len(token)
-        if not token or token[-1] in self._stop_ids:
-            return self._trace(trace.prompt_ids, prefix, mask)
-        sampling = SamplingParams(temperature=self.cfg.temperature, seed=first.seed)
         params = RunParams(
             sampling,
             max_tokens=self.cfg.max_tokens - sum(mask),
             max_searches=self.cfg.max_searches - len(env_spans(mask)),
+            first_banned=point.banned,
         )
         return await self._run(self.revisor, trace.prompt_ids, prefix, mask, params)
 
@@ -367,12 +358,15 @@ def read_traces(path: Path, tokenizer: Tokenizer, fmt: TagFormat) -> tuple[list[
             continue
         try:
             row = json.loads(line)
-            completion = list(row["completion_ids"])
-            mask = [1] * len(completion)
-            for start, end in row["env_spans"]:
-                mask[start:end] = [0] * (end - start)
-            answer = parse_trace(tokenizer.decode(completion), fmt).answer
-            traces.append(Trace(list(row["prompt_ids"]), completion, mask, answer))
+            prompt, completion = row["prompt_ids"], row["completion_ids"]
+            mask = completion_mask(prompt, completion, row["env_spans"], tokenizer.vocab_size)
+            text = tokenizer.decode(completion)
+            if text != row["completion"]:
+                raise ValueError("its ids do not decode to its completion: another tokenizer?")
+            if not isinstance(row["question"], str):
+                raise ValueError("'question' must be a string")
+            answer = parse_trace(text, fmt).answer
+            traces.append(Trace(prompt, completion, mask, answer))
             rows.append({"question": row["question"], "answer": row["answer"]})
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: not a trace row ({e})") from None

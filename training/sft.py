@@ -88,7 +88,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     tokenizer = Tokenizer.from_dir(cfg.out, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
     # 3. oracle trajectories, or a distillation dataset -----------------------------------
     if cfg.data is not None:
-        rows = read_distillation(cfg.data)
+        rows = read_distillation(cfg.data, tokenizer.vocab_size)
     else:
         rows = asyncio.run(_trajectories(worlds, tokenizer, cfg))
     # 4–5. warm-up then SFT ----------------------------------------------------------------
@@ -140,8 +140,8 @@ def shrink(model, keep: tuple[int, ...]) -> None:
     import torch
 
     layers = model.model.layers
-    if not keep or any(not 0 <= i < len(layers) for i in keep):
-        raise ValueError(f"keep_layers must name layers of the {len(layers)} in the model")
+    if not keep or len(set(keep)) != len(keep) or any(not 0 <= i < len(layers) for i in keep):
+        raise ValueError(f"keep_layers must name distinct layers of the {len(layers)} in the model")
     model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
     for index, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = index
@@ -150,7 +150,32 @@ def shrink(model, keep: tuple[int, ...]) -> None:
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
 
 
-def read_distillation(path: Path) -> list[dict]:
+def completion_mask(
+    prompt: object, completion: object, spans: object, vocab_size: int | None = None
+) -> list[int]:
+    """The env mask of a stored completion (1 generated, 0 inside `spans`), after checking that
+    the ids are token ids (below `vocab_size` when given) and the spans lie inside, in order."""
+    for name, ids in (("prompt_ids", prompt), ("completion_ids", completion)):
+        if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+            raise ValueError(f"{name} must be a list of token ids")
+        if vocab_size is not None and any(i >= vocab_size for i in ids):
+            raise ValueError(f"{name} has ids outside the tokenizer's {vocab_size}")
+    assert isinstance(completion, list)
+    mask, last = [1] * len(completion), 0
+    if not isinstance(spans, list):
+        raise ValueError("env_spans must be a list of [start, end] pairs")
+    for span in spans:
+        if not (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span)):
+            raise ValueError("env_spans must be a list of [start, end] pairs")
+        start, end = span
+        if not last <= start < end <= len(completion):
+            raise ValueError(f"env span {span} is not inside the completion, in order")
+        mask[start:end] = [0] * (end - start)
+        last = end
+    return mask
+
+
+def read_distillation(path: Path, vocab_size: int | None = None) -> list[dict]:
     """Rows of a distillation jsonl (`training.retro_search.write_dataset`) as SFT rows: the loss
     is on the completion's generated tokens; injected documents (its `env_spans`) get none."""
     rows = []
@@ -160,9 +185,7 @@ def read_distillation(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
             prompt, completion = row["prompt_ids"], row["completion_ids"]
-            mask = [1] * len(completion)
-            for start, end in row["env_spans"]:
-                mask[start:end] = [0] * (end - start)
+            mask = completion_mask(prompt, completion, row["env_spans"], vocab_size)
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: not a distillation row ({e})") from None
         rows.append({"input_ids": prompt + completion, "assistant_masks": [0] * len(prompt) + mask})

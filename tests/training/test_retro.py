@@ -12,6 +12,8 @@ import sys
 import pytest
 
 from agent.checkpoint import load_format, load_tokenizer
+from agent.events import Finished
+from agent.trace import parse_trace
 from retrieval.index import load_index
 from training.oracle import Waste, oracle_trajectory
 from training.retro_search import (
@@ -112,6 +114,36 @@ def test_switch_words_in_documents_queries_and_answers_are_not_decision_points(d
     trace = Trace([], completion + thought, mask + [1] * len(thought), None)
     (point,) = decision_points(trace, tok, fmt, SWITCH_WORDS)
     assert point.kind == "switch" and point.at == len(completion) + 1
+
+
+def test_a_banned_first_token_keeps_the_segment_whole(demo, demo_artifacts):
+    """Guards against a rollout whose first token opens a search losing its query: the loop
+    samples the first token with the ban, and the segment it starts is still one segment —
+    here everything but the search tag is banned, so the model must open a search, and the
+    loop must retrieve for the query the model then writes."""
+    from agent.hf_engine import TransformersEngine
+    from agent.loop import AgentLoop, RunParams
+
+    fmt, tok, retriever, _ = demo
+    ((question, _),) = traces(demo, "1hop", Waste(), 1)
+    loop = AgentLoop(TransformersEngine(demo_artifacts / "sft", tok), retriever, fmt)
+    search = tok.token_id(fmt.search_open)
+    banned = frozenset(range(tok.vocab_size)) - {search}
+
+    async def run(params: RunParams):
+        async for event in loop.run(loop.prompt_ids(question["question"]), params):
+            if isinstance(event, Finished):
+                return event.trajectory
+
+    plain = asyncio.run(run(RunParams()))
+    assert plain.completion_ids[0] != search  # unbanned, the model thinks first
+    forced = asyncio.run(run(RunParams(first_banned=banned)))
+    assert forced.completion_ids[0] == search and forced.searches
+    first = forced.searches[0]
+    assert first.query and first.error is None and first.passages
+    assert parse_trace(forced.text, fmt).queries[0] == first.query
+    # only the first token is constrained: the rest of the run samples freely
+    assert len(set(forced.completion_ids)) > 3
 
 
 def test_acceptance_needs_a_correct_answer_and_a_higher_value():
@@ -225,6 +257,8 @@ def test_retro_cli_writes_datasets_the_sft_entry_point_trains_on(demo_artifacts,
         (["--samples", "0"], "--samples and --concurrency must be at least 1"),
         (["--data", "BAD"], "a row needs a string 'question' and an 'answer'"),
         (["--traces", "BAD"], "give --data (questions the policy answers) or --traces"),
+        (["--index", "/nonexistent"], "--index: /nonexistent does not exist"),
+        (["--limit", "0"], "--limit must be at least 1"),
     ],
 )
 def test_retro_cli_errors_are_one_line(demo_artifacts, tmp_path, args, message):
@@ -243,6 +277,24 @@ def test_retro_cli_errors_are_one_line(demo_artifacts, tmp_path, args, message):
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("searchagent: ") and message in line
+
+
+def test_traces_from_another_tokenizer_are_refused_with_one_line(demo_artifacts, tmp_path):
+    """Guards against revising ids that mean other words: a trace whose ids do not decode to
+    its text (another tokenizer's) is refused before any model runs, naming the line."""
+    sft = demo_artifacts / "sft"
+    row = {"question": "q?", "answer": "a", "prompt_ids": [1, 5], "completion_ids": [7, 9],
+           "completion": "not what 7 9 decode to", "env_spans": []}  # fmt: skip
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "retro", "--revisor", str(sft), "--traces",
+         str(path), "--index", str(demo_artifacts / "index"), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"searchagent: {path}:1: not a trace row (its ids do not decode")
 
 
 def test_sft_data_needs_a_checkpoint_to_start_from(tmp_path):
