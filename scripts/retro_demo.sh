@@ -32,6 +32,7 @@ for set in original self w2s; do
   step "$OUT/student-$set/config.json" $SA train sft --init "$OUT/policy" \
     --data "$OUT/$set.jsonl" --out "$OUT/student-$set" --steps 60 --batch-size 8 --lr 3e-4
 done
+# (RESULTS.md also reports the three students again with --seed 1, under $OUT/seed1/)
 # 6. held-out test EM, searches and generated tokens per question
 for model in policy small student-original student-self student-w2s; do
   step "$OUT/eval-$model.json" bash -c "set -o pipefail; $SA eval --model '$OUT/$model' \
