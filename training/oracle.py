@@ -94,8 +94,8 @@ def _plan(
     segments: list[str] = []
     looks_up: list[int | None] = []
     for i, step in enumerate(steps):
-        thought = f" I need {need(step)}." if i == 0 else f" {fact(steps[i - 1])}. Next I need"
-        thought += "" if i == 0 else f" {need(step)}."
+        before = "" if i == 0 else f" {fact(steps[i - 1])}. Next"
+        thought = f"{before} I need {need(step)}."
         if waste.detour and rng.random() < waste.detour:  # no draw at 0: the plain SFT data
             other = {**step, "relation": _sibling(step["relation"], rng)}
             detour = f" Alternatively, I could look up {need(other)} first."

@@ -43,7 +43,7 @@ from agent.tokenizer import Detokenizer, Tokenizer
 from agent.trace import parse_trace
 from retrieval.types import Retriever
 from training.evaluate import exact_match
-from training.sft import completion_mask
+from training.sft import distillation_rows
 
 SWITCH_WORDS = ("Wait", "Alternatively", "Hmm", "But wait", "On second thought")
 
@@ -352,24 +352,18 @@ def write_dataset(path: Path, revisions: list[Revision], tokenizer: Tokenizer, w
 def read_traces(path: Path, tokenizer: Tokenizer, fmt: TagFormat) -> tuple[list[dict], list[Trace]]:
     """Rows and traces of a dataset `write_dataset` wrote (e.g. another policy's originals), to
     revise them again. Raises ValueError naming the bad line."""
+
+    def check(row: dict, mask: list[int]) -> None:
+        if tokenizer.decode(row["completion_ids"]) != row["completion"]:
+            raise ValueError("its ids do not decode to its completion: another tokenizer?")
+        if not isinstance(row["question"], str) or not isinstance(row["answer"], (str, list)):
+            raise ValueError("'question' must be a string and 'answer' a string or list")
+
     rows, traces = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompt, completion = row["prompt_ids"], row["completion_ids"]
-            mask = completion_mask(prompt, completion, row["env_spans"], tokenizer.vocab_size)
-            text = tokenizer.decode(completion)
-            if text != row["completion"]:
-                raise ValueError("its ids do not decode to its completion: another tokenizer?")
-            if not isinstance(row["question"], str):
-                raise ValueError("'question' must be a string")
-            answer = parse_trace(text, fmt).answer
-            traces.append(Trace(prompt, completion, mask, answer))
-            rows.append({"question": row["question"], "answer": row["answer"]})
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a trace row ({e})") from None
+    for row, mask in distillation_rows(path, tokenizer.vocab_size, check, "trace row"):
+        answer = parse_trace(row["completion"], fmt).answer
+        traces.append(Trace(row["prompt_ids"], row["completion_ids"], mask, answer))
+        rows.append({"question": row["question"], "answer": row["answer"]})
     return rows, traces
 
 

@@ -22,6 +22,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -175,20 +176,41 @@ def completion_mask(
     return mask
 
 
-def read_distillation(path: Path, vocab_size: int | None = None) -> list[dict]:
-    """Rows of a distillation jsonl (`training.retro_search.write_dataset`) as SFT rows: the loss
-    is on the completion's generated tokens; injected documents (its `env_spans`) get none."""
+def distillation_rows(
+    path: Path,
+    vocab_size: int | None = None,
+    check: Callable[[dict, list[int]], None] | None = None,
+    kind: str = "distillation row",
+) -> list[tuple[dict, list[int]]]:
+    """(row, env mask) for each line of a distillation jsonl (`retro_search.write_dataset`);
+    `check` may refuse a row with ValueError. Raises ValueError naming the bad line."""
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            prompt, completion = row["prompt_ids"], row["completion_ids"]
-            mask = completion_mask(prompt, completion, row["env_spans"], vocab_size)
+            mask = completion_mask(
+                row["prompt_ids"], row["completion_ids"], row["env_spans"], vocab_size
+            )
+            if check is not None:
+                check(row, mask)
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{n}: not a distillation row ({e})") from None
-        rows.append({"input_ids": prompt + completion, "assistant_masks": [0] * len(prompt) + mask})
+            raise ValueError(f"{path}:{n}: not a {kind} ({e})") from None
+        rows.append((row, mask))
+    return rows
+
+
+def read_distillation(path: Path, vocab_size: int | None = None) -> list[dict]:
+    """Rows of a distillation jsonl as SFT rows: the loss is on the completion's generated
+    tokens; injected documents (its `env_spans`) get none."""
+    rows = [
+        {
+            "input_ids": row["prompt_ids"] + row["completion_ids"],
+            "assistant_masks": [0] * len(row["prompt_ids"]) + mask,
+        }
+        for row, mask in distillation_rows(path, vocab_size)
+    ]
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
