@@ -66,6 +66,9 @@ class RunParams:
     deadline_s: float | None = None
     # ids the model may not sample as its first token (Retro-Search rolls out the path not taken)
     first_banned: frozenset[int] = frozenset()
+    # a search the run starts with, as if the model had written it (naive RAG: the question);
+    # it counts against max_searches, and its tags and query are injected (env_mask 0)
+    first_search: str | None = None
 
     def clamp(self, limits: Limits) -> RunParams:
         def lower(value: int | None, cap: int) -> int:
@@ -142,6 +145,16 @@ class AgentLoop:
         splitter = ChannelSplitter(self.fmt.answer_open, self.fmt.answer_close)
         detok = Detokenizer(self._tok)
         reason: FinishReason = "stop"
+        if p.first_search is not None:
+            query = " ".join(p.first_search.split())
+            asked = self._search_ids(query)
+            traj.completion_ids += asked
+            traj.env_mask += [0] * len(asked)
+            yield SearchStarted(query)
+            docs = await self._documents(query, p, usage, traj, deadline)
+            traj.completion_ids += docs.ids
+            traj.env_mask += [0] * len(docs.ids)
+            yield docs
         while True:
             budget = min(
                 p.max_tokens - usage.completion_tokens,
@@ -230,6 +243,16 @@ class AgentLoop:
         async with aclosing(self.engine.generate(context + ids, rest, self._stop)) as stream:
             async for chunk in stream:
                 yield chunk
+
+    def _search_ids(self, query: str) -> list[int]:
+        """A search for `query` as the format writes one (the oracle's spelling: one space after
+        the open tag); the query is encoded as untrusted text, so it cannot forge a tag."""
+        tok, fmt = self._tok, self.fmt
+        return (
+            tok.encode(fmt.search_open)
+            + tok.encode_untrusted(" " + fmt.escape(query))
+            + tok.encode(fmt.search_close)
+        )
 
     def _stop_kind(self, chunk: TokenChunk) -> _Stop:
         if chunk.finish_reason == "length":

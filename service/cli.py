@@ -5,7 +5,7 @@ training code and `index build` never loads torch.
                    [--engine openai --engine-url URL [--engine-model NAME]]   (remote vLLM/SGLang)
   searchagent retrieve-serve --index DIR [--retriever KIND --redis-url URL --host H --port P]
   searchagent index build --corpus FILE --out DIR [--kind bm25|dense|hybrid]
-  searchagent eval --model DIR --index DIR --data FILE.jsonl [--limit N] [--json]
+  searchagent eval --model DIR --index DIR --data FILE.jsonl [--mode M] [--limit N] [--json]
   searchagent eval --predictions FILE.jsonl [--format r1-searcher] [--json]   (no model)
   searchagent train sft --out DIR [--worlds N --per-world N --steps N]
   searchagent train sft --init DIR --data FILE --out DIR   (distil a retro dataset)
@@ -141,6 +141,7 @@ def _read_jsonl(path: Path, limit: int | None) -> list[tuple[int, Any]]:
 def _eval(args: argparse.Namespace) -> None:
     model_args = {"--model": args.model, "--index": args.index, "--data": args.data}
     if args.predictions is not None:
+        model_args["--mode"] = None if args.mode == "agent" else args.mode
         if given := [flag for flag, value in model_args.items() if value is not None]:
             _fail(f"--predictions scores a file without a model; drop {', '.join(given)}")
         _eval_predictions(args)
@@ -152,7 +153,7 @@ def _eval(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_model
 
     rows = [row for _, row in _read_jsonl(args.data, args.limit)]
-    report = evaluate_model(args.model, args.index, rows, top_k=args.top_k)
+    report = evaluate_model(args.model, args.index, rows, top_k=args.top_k, mode=args.mode)
     _print_report(report, args.json)
 
 
@@ -430,6 +431,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", help="tag format of the --predictions traces (default r1-searcher)")
     e.add_argument("--limit", type=int)
     e.add_argument("--top-k", type=int, default=3)
+    e.add_argument(
+        "--mode",
+        choices=("agent", "no-retrieval", "naive-rag"),  # training.evaluate.MODES (heavy import)
+        default="agent",
+        help="agent: the model searches as it decides; no-retrieval: searches get no documents; "
+        "naive-rag: one retrieval with the question up front, then none",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     e.set_defaults(func=_eval)
 
@@ -475,7 +483,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--sft-worlds", type=int, default=16)
     pl.add_argument("--sft-steps", type=int, default=300)
     pl.add_argument("--rl-steps", type=int, default=15, help="per RL stage")
-    pl.add_argument("--eval-limit", type=int, default=100, help="test questions")
+    pl.add_argument("--eval-limit", type=int, default=150, help="test questions per world")
     pl.set_defaults(func=_train_pipeline)
 
     rt = sub.add_parser("retro", help="Retro-Search: revise policy traces into shorter ones")

@@ -3,6 +3,7 @@
 artifacts/demo/world/   the demo world (seed 0): corpus.jsonl, train/dev/test.jsonl, world.json
 artifacts/demo/world2/  a second world (seed 1, unseen names) for the generalization test
 artifacts/demo/index/   BM25 index over world/corpus.jsonl
+artifacts/demo/index2/  BM25 index over world2/corpus.jsonl
 artifacts/demo/sft/     the SFT checkpoint (committed; retrained only when missing)
 """
 
@@ -34,6 +35,7 @@ def build_demo_data(out: Path) -> None:
         if not (out / name / "test.jsonl").is_file():
             print(f"building {out / name} (seed {seed})")
             build_world(out / name, seed)
-    if not (out / "index" / "index.json").is_file():
-        print(f"building {out / 'index'}")
-        build_index(out / "world" / "corpus.jsonl", out / "index")
+    for world, index in (("world", "index"), ("world2", "index2")):
+        if not (out / index / "index.json").is_file():
+            print(f"building {out / index}")
+            build_index(out / world / "corpus.jsonl", out / index)

@@ -118,7 +118,8 @@ def prediction_row(obj: object, fmt: TagFormat) -> dict:
 
 
 def score_rows(rows: Iterable[dict]) -> dict:
-    """Aggregate rows with `pred`, `answer`, `searches`, optional `type` and optional `judge`
+    """Aggregate rows with `pred`, `answer`, `searches`, optional `type` (and `famous`: a
+    "famous" group of its own, beside the types) and optional `judge`
     (an LLM judge's verdict; `llm_judge` is reported when every row of a group has one) and
     optional `tokens` (generated tokens; `avg_tokens` when every row has them)."""
     totals: dict[str, list[dict]] = defaultdict(list)
@@ -136,6 +137,8 @@ def score_rows(rows: Iterable[dict]) -> dict:
         totals["all"].append(scored)
         if "type" in row:
             totals[str(row["type"])].append(scored)
+        if row.get("famous"):
+            totals["famous"].append(scored)
 
     def mean(items: list[dict]) -> dict:
         n = len(items)
@@ -156,10 +159,31 @@ def score_rows(rows: Iterable[dict]) -> dict:
     return report
 
 
-async def predict(loop: AgentLoop, question: str) -> tuple[str, int, int]:
+# How a model is run on a question (`evaluate_loop`), the baselines of RESULTS.md among them:
+#   agent         the policy searches as it decides (the served behaviour);
+#   no-retrieval  no search is ever carried out: the first search the model writes gets the loop's
+#                 budget notice instead of documents, and the model answers from what it knows;
+#   naive-rag     one retrieval with the question itself, injected before the model writes
+#                 anything (as if it had searched for the question), then no more searches.
+MODES = ("agent", "no-retrieval", "naive-rag")
+
+
+def run_params(mode: str, question: str) -> RunParams:
+    """Greedy `RunParams` for one question in `mode`."""
+    if mode == "agent":
+        return RunParams(SamplingParams())
+    if mode == "no-retrieval":
+        return RunParams(SamplingParams(), max_searches=0)
+    if mode == "naive-rag":
+        return RunParams(SamplingParams(), max_searches=1, first_search=question)
+    raise ValueError(f"unknown evaluation mode {mode!r}; known: {list(MODES)}")
+
+
+async def predict(loop: AgentLoop, question: str, mode: str = "agent") -> tuple[str, int, int]:
     """(answer, searches, generated tokens) of one greedy run."""
     finished = None
-    async for event in loop.run(loop.prompt_ids(question), RunParams(SamplingParams())):
+    params = run_params(mode, question)
+    async for event in loop.run(loop.prompt_ids(question), params):
         if isinstance(event, Finished):
             finished = event
     assert finished is not None
@@ -167,14 +191,17 @@ async def predict(loop: AgentLoop, question: str) -> tuple[str, int, int]:
     return finished.trajectory.answer or "", usage.searches, usage.completion_tokens
 
 
-async def evaluate_loop(loop: AgentLoop, rows: list[dict], concurrency: int = 16) -> list[dict]:
+async def evaluate_loop(
+    loop: AgentLoop, rows: list[dict], concurrency: int = 16, mode: str = "agent"
+) -> list[dict]:
     """Every row through the loop, `concurrency` at a time (the engine batches them); in order."""
+    run_params(mode, "")  # an unknown mode fails before any work
     gate = asyncio.Semaphore(concurrency)
-    bar = tqdm(total=len(rows), desc="eval", unit="q")
+    bar = tqdm(total=len(rows), desc=f"eval {mode}", unit="q")
 
     async def one(row: dict) -> dict:
         async with gate:
-            pred, searches, tokens = await predict(loop, row["question"])
+            pred, searches, tokens = await predict(loop, row["question"], mode)
         bar.update(1)
         return {**row, "pred": pred, "searches": searches, "tokens": tokens}
 
@@ -183,7 +210,9 @@ async def evaluate_loop(loop: AgentLoop, rows: list[dict], concurrency: int = 16
     return list(out)
 
 
-def evaluate_model(model_dir: Path, index_dir: Path, rows: list[dict], top_k: int = 3) -> dict:
+def evaluate_model(
+    model_dir: Path, index_dir: Path, rows: list[dict], top_k: int = 3, mode: str = "agent"
+) -> dict:
     from agent.checkpoint import load_format, load_tokenizer
     from agent.hf_engine import TransformersEngine
     from retrieval.index import load_index
@@ -192,4 +221,17 @@ def evaluate_model(model_dir: Path, index_dir: Path, rows: list[dict], top_k: in
     tokenizer = load_tokenizer(model_dir, fmt)
     engine = TransformersEngine(model_dir, tokenizer)
     loop = AgentLoop(engine, load_index(index_dir), fmt, Limits(top_k=top_k))
-    return score_rows(asyncio.run(evaluate_loop(loop, rows)))
+    return score_rows(asyncio.run(evaluate_loop(loop, rows, mode=mode)))
+
+
+def famous_names(world_json: Path) -> set[str]:
+    """Names of the world's famous entities (mentioned in many passages: worth memorizing)."""
+    import json
+
+    entities = json.loads(Path(world_json).read_text(encoding="utf-8"))["entities"]
+    return {e["name"] for e in entities if e.get("famous")}
+
+
+def mark_famous(rows: list[dict], famous: set[str]) -> list[dict]:
+    """The rows with `famous` set: whether the question is about a famous entity (its first)."""
+    return [{**row, "famous": row["entities"][0] in famous} for row in rows]

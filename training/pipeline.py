@@ -12,6 +12,7 @@ The SFT stage here is smaller than the committed checkpoint's (`artifacts/demo/s
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class PipelineConfig:
     sft_copy_steps: int = 800  # at most: it stops at the copy-accuracy target
     rl_steps: int = 15
     rl_lr: float = 1e-4
-    eval_limit: int = 100
+    eval_limit: int = 150  # questions per world
     seed: int = 0
 
 
@@ -81,16 +82,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             )
             timings[name] = time.monotonic() - start
         previous = ckpt
-    test = _rows(cfg.demo / "world" / "test.jsonl", cfg.eval_limit)
-    scores = {}
-    for name in ("sft", *(n for n, _ in RL_STAGES)):
-        start = time.monotonic()
-        scores[name] = evaluate_model(cfg.out / name, cfg.demo / "index", test)
-        timings[f"eval {name}"] = time.monotonic() - start
+    scores: dict[str, dict[str, dict]] = {}
+    sets = eval_sets(cfg)
+    for set_name, index, rows in sets:
+        scores[set_name] = {}
+        for row_name, ckpt_name, mode in EVAL_ROWS:
+            if set_name == FAMOUS and mode != "agent":
+                continue  # the famous-entity set compares how the trained policies search
+            start = time.monotonic()
+            scores[set_name][row_name] = evaluate_model(cfg.out / ckpt_name, index, rows, mode=mode)
+            timings[f"eval {set_name}: {row_name}"] = time.monotonic() - start
     # what `make serve` serves today, on the same questions: the bar the new checkpoint must meet
     committed = cfg.demo / "sft"
     if (committed / "config.json").is_file():
-        scores["committed sft"] = evaluate_model(committed, cfg.demo / "index", test)
+        _, index, rows = sets[0]
+        scores[DEMO_TEST][COMMITTED] = evaluate_model(committed, index, rows)
     installed = installs(scores)
     if installed:
         final = cfg.demo / "rl"
@@ -108,11 +114,73 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return report
 
 
+# RESULTS.md's rows: (row, checkpoint under `out`, evaluation mode). The baselines run the SFT
+# policy: with no retrieval at all, and with one retrieval for the question itself (naive RAG).
+EVAL_ROWS = (
+    ("no-retrieval", "sft", "no-retrieval"),
+    ("naive RAG", "sft", "naive-rag"),
+    ("SFT", "sft", "agent"),
+    ("RL (R1-Searcher)", "rl-stage2", "agent"),
+    ("RL++ (R1-Searcher++)", "rl-plus", "agent"),
+)
+DEMO_TEST, SECOND_WORLD, FAMOUS = "demo test", "second world", "famous"
+COMMITTED = "committed SFT (served before this run)"
+TYPES = ("1hop", "2hop", "comparison")
+
+
+def eval_sets(cfg: PipelineConfig) -> list[tuple[str, Path, list[dict]]]:
+    """(name, index, questions) of each evaluation set:
+    - the demo world's held-out test split (entities unseen in training), `eval_limit` questions;
+    - the second world (unseen names, its own index), `eval_limit` questions of its test split;
+    - the demo world's questions about famous entities, every split: R1-Searcher++ should search
+      less for the facts its training kept meeting."""
+    demo, second = cfg.demo / "world", cfg.demo / "world2"
+    from training.evaluate import famous_names, mark_famous
+
+    famous = famous_names(demo / "world.json")
+    everything = [r for split in ("train", "dev", "test") for r in _read(demo / f"{split}.jsonl")]
+    return [
+        (DEMO_TEST, cfg.demo / "index",
+         _sample(_read(demo / "test.jsonl"), cfg.eval_limit, cfg.seed)),
+        (SECOND_WORLD, cfg.demo / "index2",
+         _sample(_read(second / "test.jsonl"), cfg.eval_limit, cfg.seed)),
+        (FAMOUS, cfg.demo / "index", [r for r in mark_famous(everything, famous) if r["famous"]]),
+    ]  # fmt: skip
+
+
 def installs(scores: dict) -> bool:
-    """Whether the final RL checkpoint replaces what `make serve` serves: only if its EM is at
-    least the committed SFT checkpoint's (a worse model is reported, never served)."""
-    final = scores[RL_STAGES[-1][0]]["em"]
-    return "committed sft" not in scores or final >= scores["committed sft"]["em"]
+    """Whether the final RL checkpoint replaces what `make serve` serves: only if its EM on the
+    demo test set is at least the committed SFT checkpoint's (a worse model is reported, never
+    served)."""
+    test = scores[DEMO_TEST]
+    return COMMITTED not in test or test[EVAL_ROWS[-1][0]]["em"] >= test[COMMITTED]["em"]
+
+
+def targets(scores: dict) -> list[tuple[str, bool, str]]:
+    """The issue's acceptance targets, each (target, met, the numbers it was judged on)."""
+    test, second, famous = scores[DEMO_TEST], scores[SECOND_WORLD], scores[FAMOUS]
+    sft, rl, plus = (test[name] for name in ("SFT", "RL (R1-Searcher)", "RL++ (R1-Searcher++)"))
+    rl_2hop = _by_type(rl, "2hop")["em"]
+    rag_2hop = _by_type(test["naive RAG"], "2hop")["em"]
+    fam_rl, fam_plus = famous["RL (R1-Searcher)"], famous["RL++ (R1-Searcher++)"]
+    fewer = 1 - fam_plus["avg_searches"] / fam_rl["avg_searches"] if fam_rl["avg_searches"] else 0
+    blind = second["no-retrieval"]["em"]
+    return [
+        ("RL >= SFT + 5 EM points (demo test)", rl["em"] >= sft["em"] + 0.05,
+         f"RL {rl['em']:.3f}, SFT {sft['em']:.3f}"),
+        ("RL's 2-hop EM >= 2x naive RAG's (demo test)", rl_2hop >= 2 * rag_2hop and rl_2hop > 0,
+         f"RL {rl_2hop:.3f}, naive RAG {rag_2hop:.3f}"),
+        ("RL++ within 2 EM points of RL (demo test)", plus["em"] >= rl["em"] - 0.02,
+         f"RL++ {plus['em']:.3f}, RL {rl['em']:.3f}"),
+        ("RL++ >= 25% fewer searches than RL on famous-entity questions", fewer >= 0.25,
+         f"{fam_plus['avg_searches']:.2f} vs {fam_rl['avg_searches']:.2f} ({fewer:.0%} fewer)"),
+        ("no-retrieval near zero on the second world (EM <= 0.05)", blind <= 0.05,
+         f"EM {blind:.3f}"),
+    ]  # fmt: skip
+
+
+def _by_type(score: dict, kind: str) -> dict:
+    return score.get("by_type", {}).get(kind, {"n": 0, "em": 0.0, "f1": 0.0})
 
 
 def plot_rl(out: Path, plots: Path) -> Path:
@@ -169,27 +237,54 @@ def results_markdown(
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
         + ".",
         "",
-        f"Evaluation: the demo world's test split (first {cfg.eval_limit} questions, entities "
-        "unseen in training), greedy, through the agent loop with BM25 top-3.",
-        "",
-        "| checkpoint | EM | cover-EM | F1 | searches per question |",
-        "|---|---|---|---|---|",
+        "Every row runs greedily through the agent loop with BM25 top-3. no-retrieval and naive "
+        "RAG are the SFT policy with no search carried out, and with one retrieval for the "
+        "question itself injected before it writes; SFT, RL (stage 2, after stage 1) and RL++ "
+        "search as they decide. Tokens are generated tokens (documents excluded).",
     ]
-    for name, s in scores.items():
-        lines.append(
-            f"| {name} | {s['em']:.3f} | {s['cover_em']:.3f} | {s['f1']:.3f} "
-            f"| {s['avg_searches']:.2f} |"
-        )
+    heads = "| row | EM | F1 | " + " | ".join(f"{t} EM | {t} F1" for t in TYPES)
+    rule = "|---|---|---|" + "---|---|" * len(TYPES) + "---|---|"
+    described = {
+        DEMO_TEST: f"the demo world's held-out test split ({cfg.eval_limit} questions sampled "
+        "with the pipeline's seed; entities unseen in training)",
+        SECOND_WORLD: f"the second world's test split ({cfg.eval_limit} questions; names never "
+        "seen in training, its own index)",
+        FAMOUS: "the demo world's questions about its famous entities (all splits: facts that "
+        "recur across many passages, worth memorizing)",
+    }
+    for set_name, rows in scores.items():
+        n = next(iter(rows.values()))["n"] if rows else 0
+        lines += ["", f"## {set_name}: {described[set_name]}, n = {n}", ""]
+        lines += [heads + " | searches / q | tokens / q |", rule]
+        for name, s in rows.items():
+            cells = [f"{s['em']:.3f}", f"{s['f1']:.3f}"]
+            for t in TYPES:
+                by = _by_type(s, t)
+                cells += [f"{by['em']:.3f}", f"{by['f1']:.3f}"] if by["n"] else ["–", "–"]
+            cells += [f"{s['avg_searches']:.2f}", f"{s.get('avg_tokens', 0):.1f}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all(k in scores for k in (DEMO_TEST, SECOND_WORLD, FAMOUS)):
+        lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
+        for target, met, numbers in targets(scores):
+            lines.append(f"| {target} | {'yes' if met else '**no**'} | {numbers} |")
     verdict = (
         f"The final checkpoint was installed as `{cfg.demo / 'rl'}`, which `make serve` serves."
         if installs(scores)
-        else "The final checkpoint scored below the committed SFT checkpoint, so it was not "
-        f"installed: `make serve` keeps serving `{cfg.demo / 'sft'}`."
+        else "The final checkpoint scored below the committed SFT checkpoint on the demo test "
+        f"set, so it was not installed: `make serve` keeps serving `{cfg.demo / 'sft'}`."
     )
     lines += ["", verdict, "", f"![reward, EM and searches per RL step]({plot.as_posix()})", ""]
     return "\n".join(lines)
 
 
-def _rows(path: Path, limit: int) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows[:limit]
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _sample(rows: list[dict], limit: int, seed: int) -> list[dict]:
+    """`limit` rows drawn with `seed`, in file order (a split lists its 1-hop questions first, so
+    its head would hold no other type)."""
+    if len(rows) <= limit:
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
+    return [rows[i] for i in keep]

@@ -94,7 +94,7 @@ def test_f1_partial_and_yes_no():
 
 def test_score_rows_reports_fractions_and_types():
     """Guards against a report that mixes types or counts searches wrongly."""
-    rows = [
+    rows = [  # fmt: skip
         {"pred": "Velmora", "answer": "Velmora", "type": "1hop", "searches": 1},
         {"pred": "Drell", "answer": "Ostland", "type": "2hop", "searches": 2},
         {"pred": "Ostland", "answer": "Ostland", "type": "2hop", "searches": 3},
@@ -144,3 +144,79 @@ def test_r1_searcher_predictions_score_the_papers_numbers(name, capsys):
     percent = {k: round(100 * report[k], 1) for k in ("cover_em", "llm_judge", "em", "f1")}
     (acc_r, acc_l), (em, f1) = R1_PAPER[name]
     assert percent == {"cover_em": acc_r, "llm_judge": acc_l, "em": em, "f1": f1}
+
+
+def test_evaluation_modes_search_as_their_names_say(tmp_path):
+    """Guards against a baseline that is not what RESULTS.md calls it: no-retrieval must never
+    reach the retriever, naive RAG must retrieve once with the question before the model
+    writes, and the agent mode must search as the policy decides."""
+    import asyncio
+
+    from agent.loop import AgentLoop
+    from agent.scripted import ScriptedEngine
+    from agent.tags import DEFAULT
+    from agent.tokenizer import Tokenizer
+    from retrieval.bm25 import BM25Retriever
+    from retrieval.types import Passage
+    from training.evaluate import evaluate_loop, score_rows
+    from training.tokenizer import train_tokenizer
+
+    passages = [Passage("p1", "Gal Borin", "Gal Borin was born in Velmora.")]
+    tok = train_tokenizer([" Gal Borin was born in Velmora. Where birthplace"] * 30, 300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_dir(tmp_path, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
+
+    class Counting(BM25Retriever):
+        queries: list[str] = []
+
+        async def search(self, queries, k):
+            type(self).queries += queries
+            return await super().search(queries, k)
+
+    retriever = Counting.build(passages)
+    search = "<search> Gal Borin birthplace</search>"
+    answer = "<answer> Velmora</answer>"
+    row = {"question": "Where was Gal Borin born?", "answer": "Velmora", "type": "1hop"}
+
+    def evaluate(mode: str, *texts: str) -> tuple[dict, list[str]]:
+        Counting.queries = []
+        engine = ScriptedEngine(tokenizer, [tokenizer.encode(t) for t in texts])
+        loop = AgentLoop(engine, retriever, DEFAULT)
+        return score_rows(asyncio.run(evaluate_loop(loop, [row], mode=mode))), Counting.queries
+
+    report, asked = evaluate("agent", search, answer)
+    assert asked == ["Gal Borin birthplace"] and report["avg_searches"] == 1 and report["em"] == 1
+    report, asked = evaluate("no-retrieval", search, answer)
+    assert asked == [] and report["avg_searches"] == 0
+    report, asked = evaluate("naive-rag", answer)
+    assert asked == [row["question"]] and report["avg_searches"] == 1 and report["em"] == 1
+    assert report["avg_tokens"] == len(tokenizer.encode(answer))  # the forced search is not
+    with pytest.raises(ValueError, match="unknown evaluation mode"):
+        evaluate("oracle", answer)
+
+
+def test_famous_questions_form_their_own_group():
+    """Guards against the famous-entity set being empty or mixing in other questions."""
+    from training.evaluate import mark_famous
+
+    rows = [  # fmt: skip
+        {
+            "pred": "Velmora",
+            "answer": "Velmora",
+            "searches": 0,
+            "type": "1hop",
+            "entities": ["Star"],
+        },
+        {
+            "pred": "Drell",
+            "answer": "Ostland",
+            "searches": 2,
+            "type": "1hop",
+            "entities": ["Nobody"],
+        },
+    ]
+    report = score_rows(mark_famous(rows, {"Star"}))
+    assert report["by_type"]["famous"] == {
+        "n": 1, "em": 1.0, "cover_em": 1.0, "f1": 1.0, "avg_searches": 0.0
+    }  # fmt: skip
+    assert report["by_type"]["1hop"]["n"] == 2

@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 
 from training.pipeline import (
+    COMMITTED,
+    DEMO_TEST,
+    EVAL_ROWS,
+    FAMOUS,
     KEPT_PART,
     RL_STAGES,
+    SECOND_WORLD,
     PipelineConfig,
+    eval_sets,
     installs,
     plot_rl,
     results_markdown,
+    targets,
     write_results,
 )
 
@@ -27,25 +34,69 @@ def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
         (tmp_path / name / "training.json").write_text(json.dumps({"log": log}))
     png = plot_rl(tmp_path, tmp_path / "plots")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    scores = {
-        "sft": {"em": 0.72, "cover_em": 0.73, "f1": 0.722, "avg_searches": 0.98},
-        "rl-plus": {"em": 0.7, "cover_em": 0.75, "f1": 0.71, "avg_searches": 0.5},
-    }
+    row = {"n": 150, "em": 0.72, "cover_em": 0.73, "f1": 0.722, "avg_searches": 0.98,
+           "avg_tokens": 61.0, "by_type": {"1hop": {"n": 90, "em": 0.9, "f1": 0.91},
+                                           "2hop": {"n": 60, "em": 0.45, "f1": 0.5}}}  # fmt: skip
+    scores = {DEMO_TEST: {name: row for name, _, _ in EVAL_ROWS}}
     timings = {"sft": 600.0, "rl-stage1": 120.0}
     text = results_markdown(PipelineConfig(), scores, png, 900.0, timings)
-    assert "| sft | 0.720 | 0.730 | 0.722 | 0.98 |" in text
-    assert "| rl-plus | 0.700 | 0.750 | 0.710 | 0.50 |" in text
+    cells = "0.720 | 0.722 | 0.900 | 0.910 | 0.450 | 0.500 | – | – | 0.98 | 61.0"
+    for name, _, _ in EVAL_ROWS:
+        assert f"| {name} | {cells} |" in text
     assert "Total: 15.0 minutes" in text and "sft 10.0 min" in text and png.as_posix() in text
+    assert "## demo test:" in text and "n = 150" in text
+
+
+def _score(em: float, searches: float = 1.0, two_hop: float = 0.0) -> dict:
+    return {"n": 10, "em": em, "cover_em": em, "f1": em, "avg_searches": searches,
+            "by_type": {"2hop": {"n": 4, "em": two_hop, "f1": two_hop}}}  # fmt: skip
+
+
+def test_targets_are_judged_on_the_right_rows():
+    """Guards against a target reported as met from the wrong row or set (e.g. RL++'s searches
+    compared on the test set instead of the famous-entity questions)."""
+    scores = {
+        DEMO_TEST: {"no-retrieval": _score(0.0), "naive RAG": _score(0.3, two_hop=0.2),
+                    "SFT": _score(0.6), "RL (R1-Searcher)": _score(0.66, two_hop=0.4),
+                    "RL++ (R1-Searcher++)": _score(0.645)},
+        SECOND_WORLD: {"no-retrieval": _score(0.02)},
+        FAMOUS: {"RL (R1-Searcher)": _score(0.9, 2.0), "RL++ (R1-Searcher++)": _score(0.9, 1.5)},
+    }  # fmt: skip
+    met = {target: ok for target, ok, _ in targets(scores)}
+    assert list(met.values()) == [True, True, True, True, True]
+    scores[FAMOUS]["RL++ (R1-Searcher++)"] = _score(0.9, 1.6)  # 20% fewer: not enough
+    scores[DEMO_TEST]["RL (R1-Searcher)"] = _score(0.64, two_hop=0.39)
+    scores[SECOND_WORLD]["no-retrieval"] = _score(0.1)
+    assert [ok for _, ok, _ in targets(scores)] == [False, False, True, False, False]
+    text = results_markdown(PipelineConfig(), scores, PipelineConfig().plots / "rl.png", 1.0, {})
+    assert "| RL >= SFT + 5 EM points (demo test) | **no** | RL 0.640, SFT 0.600 |" in text
 
 
 def test_a_worse_final_checkpoint_is_not_installed():
     """Guards against: `make train` replacing the served model with one that answers worse."""
-    row = {"cover_em": 0.0, "f1": 0.0, "avg_searches": 1.0}
-    worse = {"rl-plus": {**row, "em": 0.1}, "committed sft": {**row, "em": 0.72}}
-    better = {"rl-plus": {**row, "em": 0.75}, "committed sft": {**row, "em": 0.72}}
+    final = EVAL_ROWS[-1][0]
+    worse = {DEMO_TEST: {final: _score(0.1), COMMITTED: _score(0.72)}}
+    better = {DEMO_TEST: {final: _score(0.75), COMMITTED: _score(0.72)}}
     assert not installs(worse) and installs(better)
     text = results_markdown(PipelineConfig(), worse, PipelineConfig().plots / "rl.png", 60.0, {})
-    assert "was not installed" in text and "| committed sft | 0.720 |" in text
+    assert "was not installed" in text and f"| {COMMITTED} | 0.720 |" in text
+
+
+def test_evaluation_sets_are_sampled_across_types_and_famous_entities(tmp_path):
+    """Guards against the first-N questions of a split (all 1-hop) standing for the test set,
+    and an empty or mixed famous-entity set."""
+    from training.demo import build_demo_data
+
+    build_demo_data(tmp_path)
+    sets = eval_sets(PipelineConfig(demo=tmp_path, eval_limit=60))
+    assert [name for name, _, _ in sets] == [DEMO_TEST, SECOND_WORLD, FAMOUS]
+    for _, index, rows in sets[:2]:
+        assert len(rows) == 60 and (index / "index.json").is_file()
+        assert {r["type"] for r in rows} == {"1hop", "2hop", "comparison"}
+    assert sets[0][2] == eval_sets(PipelineConfig(demo=tmp_path, eval_limit=60))[0][2]
+    world = json.loads((tmp_path / "world" / "world.json").read_text())
+    famous = {e["name"] for e in world["entities"] if e["famous"]}
+    assert sets[2][2] and all(r["entities"][0] in famous for r in sets[2][2])
 
 
 def test_rewriting_results_keeps_the_retro_search_part(tmp_path):
