@@ -254,6 +254,7 @@ def _train_rl(args: argparse.Namespace) -> None:
         lr=args.lr,
         beta=args.beta,
         mu=args.mu,
+        types=tuple(args.types.split(",")) if args.types else None,
         resume=args.resume,
     )
     report = run_rl(cfg)
@@ -352,11 +353,15 @@ def _train_pipeline(args: argparse.Namespace) -> None:
     from training.pipeline import PipelineConfig, run_pipeline
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if args.sft_init is not None and not (args.sft_init / "config.json").is_file():
+        _fail(f"--sft-init: {args.sft_init} is not a checkpoint directory (no config.json)")
     cfg = PipelineConfig(
         out=args.out,
         sft_worlds=args.sft_worlds,
         sft_steps=args.sft_steps,
+        sft_init=args.sft_init,
         rl_steps=args.rl_steps,
+        rl_generations=args.rl_generations,
         eval_limit=args.eval_limit,
     )
     report = run_pipeline(cfg)
@@ -477,12 +482,17 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--beta", type=float, default=0.0, help="KL coefficient")
     rl.add_argument("--mu", type=float, default=0.1, help="memorization loss weight (plus)")
     rl.add_argument("--resume", action="store_true", help="from the last checkpoint in --out")
+    rl.add_argument("--types", help="train on these question types only, e.g. 2hop,comparison")
     rl.set_defaults(func=_train_rl)
     pl = t.add_parser("pipeline", help="the demo pipeline: SFT, RL stages, eval, RESULTS.md")
     pl.add_argument("--out", type=Path, default=Path("artifacts/demo/train"))
     pl.add_argument("--sft-worlds", type=int, default=16)
     pl.add_argument("--sft-steps", type=int, default=300)
     pl.add_argument("--rl-steps", type=int, default=15, help="per RL stage")
+    pl.add_argument(
+        "--sft-init", type=Path, help="start the RL stages from this SFT checkpoint (no SFT run)"
+    )
+    pl.add_argument("--rl-generations", type=int, default=8, help="rollouts per question")
     pl.add_argument("--eval-limit", type=int, default=150, help="test questions per world")
     pl.set_defaults(func=_train_pipeline)
 

@@ -59,6 +59,7 @@ class RLConfig:
     top_k: int = 3
     mu: float = 0.1  # R1-Searcher++ memorization loss weight
     max_questions: int | None = 2000
+    types: tuple[str, ...] | None = None  # train only on these question types (None: all)
     seed: int = 0
     resume: bool = False  # continue from the last checkpoint in `out`
     save_steps: int = 20
@@ -101,7 +102,7 @@ def build_trainer(cfg: RLConfig):
     torch.manual_seed(cfg.seed)
     fmt = load_format(cfg.init)
     tokenizer = load_tokenizer(cfg.init, fmt)
-    rows = _read_rows(cfg.data, cfg.max_questions, cfg.seed)
+    rows = _read_rows(cfg.data, cfg.max_questions, cfg.seed, cfg.types)
     dataset = Dataset.from_list([{"prompt": r["question"], "answer": r["answer"]} for r in rows])
     model = AutoModelForCausalLM.from_pretrained(str(cfg.init), dtype=torch.float32)
     processing = PreTrainedTokenizerFast.from_pretrained(str(cfg.init))
@@ -308,7 +309,13 @@ def memorization_nll(model, rows: list[tuple[list[int], list[int]]], pad_id: int
     return out.loss
 
 
-def _read_rows(path: Path, limit: int | None, seed: int) -> list[dict]:
+def _read_rows(
+    path: Path, limit: int | None, seed: int, types: tuple[str, ...] | None = None
+) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if types is not None:
+        rows = [r for r in rows if r.get("type") in types]
+        if not rows:
+            raise ValueError(f"{path} has no questions of type {', '.join(types)}")
     random.Random(seed).shuffle(rows)
     return rows[:limit] if limit else rows

@@ -12,6 +12,7 @@ from training.pipeline import (
     KEPT_PART,
     RL_STAGES,
     SECOND_WORLD,
+    TYPES,
     PipelineConfig,
     eval_sets,
     installs,
@@ -108,3 +109,35 @@ def test_rewriting_results_keeps_the_retro_search_part(tmp_path):
     path.write_text(path.read_text() + "\n" + retro)
     write_results(path, "# pipeline, second run\n\nnumbers\n")
     assert path.read_text() == f"# pipeline, second run\n\nnumbers\n\n{retro}"
+
+
+def test_rl_trains_on_the_question_types_asked_for(tmp_path):
+    """Guards against `rl_types` being ignored (stages 1 and 2 then spend their few steps on the
+    1-hop questions the cold start already answers) or silently training on nothing."""
+    import pytest
+
+    from training.rl import _read_rows
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"question": f"q{i}", "answer": "a", "type": t} for i, t in enumerate(TYPES * 4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    picked = _read_rows(data, None, 0, ("2hop", "comparison"))
+    assert sorted(r["question"] for r in picked) == sorted(
+        r["question"] for r in rows if r["type"] != "1hop"
+    )
+    assert len(_read_rows(data, None, 0)) == len(rows)
+    with pytest.raises(ValueError, match="no questions of type"):
+        _read_rows(data, None, 0, ("4hop",))
+
+
+def test_pipeline_refuses_an_sft_init_that_is_no_checkpoint(tmp_path, capsys):
+    """Guards against `--sft-init` pointing nowhere and the run training RL from nothing."""
+    import pytest
+
+    from service.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "pipeline", "--sft-init", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sft-init" in err[0] and "no config.json" in err[0]
