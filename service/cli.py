@@ -361,6 +361,7 @@ def _train_pipeline(args: argparse.Namespace) -> None:
         sft_steps=args.sft_steps,
         sft_init=args.sft_init,
         rl_steps=args.rl_steps,
+        rl_stage1_steps=args.rl_stage1_steps,
         rl_generations=args.rl_generations,
         eval_limit=args.eval_limit,
     )
@@ -493,6 +494,7 @@ def _parser() -> argparse.ArgumentParser:
         "--sft-init", type=Path, help="start the RL stages from this SFT checkpoint (no SFT run)"
     )
     pl.add_argument("--rl-generations", type=int, default=8, help="rollouts per question")
+    pl.add_argument("--rl-stage1-steps", type=int, help="stage 1's steps (default --rl-steps)")
     pl.add_argument("--eval-limit", type=int, default=150, help="test questions per world")
     pl.set_defaults(func=_train_pipeline)
 

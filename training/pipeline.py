@@ -36,6 +36,9 @@ class PipelineConfig:
     sft_copy_steps: int = 800  # at most: it stops at the copy-accuracy target
     sft_init: Path | None = None  # use this SFT checkpoint instead of training one
     rl_steps: int = 15
+    # stage 1 rewards searching + format: a cold start that already does both (reward 1 for every
+    # rollout, zero advantage) learns nothing there, so it may get fewer steps
+    rl_stage1_steps: int | None = None  # None: rl_steps
     rl_lr: float = 1e-4
     rl_generations: int = 8  # rollouts per question (the GRPO group)
     # R1-Searcher stages 1 and 2 train on the multi-hop questions, where the cold start fails
@@ -83,7 +86,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                     index=cfg.demo / "index",
                     data=cfg.demo / "world" / "train.jsonl",
                     stage=stage,
-                    steps=cfg.rl_steps,
+                    steps=cfg.rl_steps
+                    if stage != "1" or cfg.rl_stage1_steps is None
+                    else cfg.rl_stage1_steps,
                     lr=cfg.rl_lr,
                     num_generations=cfg.rl_generations,
                     types=cfg.rl_types if stage != "plus" else None,
