@@ -18,14 +18,17 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-call sampling settings. `temperature == 0` means greedy. `banned_ids` are never
-    sampled in this call (Retro-Search bans the token that took a path, to roll out another)."""
+    """Per-call sampling settings. `temperature == 0` means greedy. `logit_bias` is OpenAI's:
+    (token id, bias) pairs added to the logits before sampling (greedy included). `banned_ids`
+    are never sampled in this call (Retro-Search bans the token that took a path, to roll out
+    another), whatever their bias."""
 
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     banned_ids: frozenset[int] = frozenset()
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -406,8 +406,12 @@ def _generator(seed: int | None) -> torch.Generator | None:
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    if params.banned_ids:
+    if params.logit_bias or params.banned_ids:
         logits = logits.clone()
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias, strict=True)
+        logits[list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    if params.banned_ids:
         logits[sorted(params.banned_ids)] = float("-inf")
     if params.temperature < _GREEDY_BELOW:
         return int(torch.argmax(logits))

@@ -182,8 +182,11 @@ class OpenAIEngine:
         }
         if params.seed is not None:
             body["seed"] = params.seed
-        if params.banned_ids:  # -100 bans a token in OpenAI's and vLLM's logit_bias
-            body["logit_bias"] = {str(i): -100 for i in sorted(params.banned_ids)}
+        bias = {str(i): b for i, b in params.logit_bias}
+        # -100 bans a token in OpenAI's and vLLM's logit_bias
+        bias |= {str(i): -100 for i in sorted(params.banned_ids)}
+        if bias:
+            body["logit_bias"] = bias
         return self._extra | body  # extras never override what the engine relies on
 
     def _client(self) -> httpx.AsyncClient:

@@ -29,6 +29,7 @@ from service.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     Choice,
+    CompletionRequest,
     Delta,
     StreamChoice,
     TracePassage,
@@ -204,11 +205,24 @@ def check_context(ctx: ChatContext, prompt_ids: list[int], param: str) -> None:
 
 
 def sampling_params(
-    temperature: float | None, top_p: float | None, seed: int | None, max_tokens: int = 256
+    ctx: ChatContext, req: ChatCompletionRequest | CompletionRequest, max_tokens: int = 256
 ) -> SamplingParams:
-    """Unset temperature means greedy: the service's default is deterministic."""
+    """The request's sampling fields. Unset temperature means greedy: the service's default is
+    deterministic. A `logit_bias` token id outside the model's vocabulary is a 400."""
+    vocab = ctx.loop.engine.tokenizer.vocab_size
+    bias = tuple(sorted((int(k), float(v)) for k, v in (req.logit_bias or {}).items()))
+    for token, _ in bias:
+        if token >= vocab:
+            raise BadRequestError(
+                f"logit_bias token id {token} is out of vocabulary: the model has {vocab} tokens",
+                param="logit_bias",
+            )
     return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature or 0.0, top_p=top_p or 1.0, seed=seed
+        max_tokens=max_tokens,
+        temperature=req.temperature or 0.0,
+        top_p=req.top_p or 1.0,
+        seed=req.seed,
+        logit_bias=bias,
     )
 
 
@@ -284,7 +298,7 @@ def prepare(ctx: ChatContext, req: ChatCompletionRequest) -> ChatRun:
     check_context(ctx, prompt_ids, "messages")
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     params = RunParams(
-        sampling=sampling_params(req.temperature, req.top_p, req.seed),
+        sampling=sampling_params(ctx, req),
         max_tokens=req.max_completion_tokens or req.max_tokens,
         max_searches=req.max_searches,
         top_k=req.top_k,

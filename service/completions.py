@@ -78,7 +78,7 @@ def prepare(ctx: ChatContext, req: CompletionRequest) -> PlainCompletion | Agent
                     param=name,
                 )
         params = RunParams(
-            sampling=sampling_params(req.temperature, req.top_p, req.seed),
+            sampling=sampling_params(ctx, req),
             max_tokens=req.max_tokens,
             max_searches=req.max_searches,
             top_k=req.top_k,
@@ -87,7 +87,7 @@ def prepare(ctx: ChatContext, req: CompletionRequest) -> PlainCompletion | Agent
     max_tokens = min(req.max_tokens or DEFAULT_MAX_TOKENS, ctx.loop.limits.max_tokens)
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     stop = StopSpec(frozenset(req.stop_token_ids or ()), tuple(s for s in stops if s))
-    sampling = sampling_params(req.temperature, req.top_p, req.seed, max_tokens)
+    sampling = sampling_params(ctx, req, max_tokens)
     return PlainCompletion(ctx, req, prompt_ids, sampling, stop)
 
 

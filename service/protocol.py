@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -74,6 +75,19 @@ class ApiRequest(BaseModel):
         return self
 
 
+def _check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    """OpenAI's rule: keys are token ids (as strings), values from -100 to 100."""
+    for key, bias in (value or {}).items():
+        if not key.strip().isdigit():
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"logit_bias values must be from -100 to 100, got {bias} for {key}")
+    return value
+
+
+LogitBias = Annotated[dict[str, float] | None, AfterValidator(_check_logit_bias)]
+MAX_LOGIT_BIAS = 300  # token ids per request, as OpenAI allows
+
 MAX_N = 8  # choices per chat request (each one a whole agent run)
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 
@@ -113,6 +127,7 @@ class ChatCompletionRequest(ApiRequest):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
+    logit_bias: LogitBias = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None  # ends the answer
     n: int = Field(default=1, ge=1, le=MAX_N)  # each choice its own agent run
     user: str | None = None
@@ -138,6 +153,7 @@ class CompletionRequest(ApiRequest):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
+    logit_bias: LogitBias = Field(default=None, max_length=MAX_LOGIT_BIAS)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

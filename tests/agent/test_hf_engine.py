@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -71,6 +72,31 @@ def test_banned_ids_are_never_sampled(engine):
     for seed in range(10):
         warm = SamplingParams(max_tokens=1, temperature=0.3, seed=seed, banned_ids=ban)
         assert asyncio.run(first(warm)) != greedy
+
+
+def test_logit_bias_shifts_the_logits_as_openai_defines_it(engine):
+    """Guards against a logit_bias that is accepted and ignored, applied to the wrong ids, or
+    applied after the choice: +100 forces a token even greedily, -100 takes the greedy token
+    out, a small bias moves exactly as far as the logit gap says, and a ban still wins."""
+    tok = engine.tokenizer
+    prompt = [tok.bos_id] + tok.encode(" question: Where was Gal Borin born? ")
+
+    async def first(params: SamplingParams) -> int:
+        ids = [i async for chunk in engine.generate(prompt, params, StopSpec()) for i in chunk.ids]
+        return ids[0]
+
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([prompt])).logits[0, -1]
+    greedy, second = logits.topk(2).indices.tolist()
+    gap = float(logits[greedy] - logits[second])
+    rare = int(logits.argmin())
+    one = SamplingParams(max_tokens=1)
+    assert asyncio.run(first(replace(one, logit_bias=((rare, 100.0),)))) == rare
+    assert asyncio.run(first(replace(one, logit_bias=((greedy, -100.0),)))) == second
+    assert asyncio.run(first(replace(one, logit_bias=((second, gap + 0.01),)))) == second
+    assert asyncio.run(first(replace(one, logit_bias=((second, gap - 0.01),)))) == greedy
+    banned = replace(one, logit_bias=((rare, 100.0),), banned_ids=frozenset({rare}))
+    assert asyncio.run(first(banned)) == greedy
 
 
 def test_reused_prefix_gives_the_same_tokens_as_a_fresh_engine(engine, tiny_checkpoint):

@@ -191,6 +191,9 @@ def test_agent_completion_runs_the_loop(client, demo_app, question, stream):
         ({"stop": ["x"]}, 400, "stop", None),  # agent mode has its own stops
         ({"logprobs": 2}, 400, "logprobs", None),
         ({"max_tokens": 0}, 400, "max_tokens", None),
+        ({"logit_bias": {"seven": 1}}, 400, "logit_bias", None),
+        ({"logit_bias": {"7": 100.5}}, 400, "logit_bias", None),
+        ({"logit_bias": {"99999": 1}}, 400, "logit_bias", None),  # beyond the vocabulary
         ({"model": "other"}, 404, "model", "model_not_found"),
     ],
 )
@@ -206,6 +209,30 @@ def test_bad_requests_get_openai_errors(client, change, status, param, code, str
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["type"] == "invalid_request_error"
     assert (error["param"], error["code"]) == (param, code)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logit_bias_steers_plain_decoding_and_the_agent(client, prompt, demo_app, stream):
+    """Guards against logit_bias accepted and ignored (vLLM and OpenAI honour it): +100 on one
+    token makes greedy decoding write only that token, and in agent mode (chat too) a -100 on
+    the search tag keeps the policy from ever searching."""
+    tok = demo_app.state.chat.loop.engine.tokenizer
+    forced = tok.encode(" Velmora")[0]
+    chunks = plain(client, prompt, stream, extra_body={"logit_bias": {str(forced): 100}})
+    ids = joined(chunks)[1] if stream else chunks.choices[0].model_extra["token_ids"]
+    assert ids == [forced] * 24
+    search = str(tok.token_id("<search>"))
+    searched = client.completions.create(model="demo", prompt=prompt, max_tokens=64)
+    assert searched.usage.model_extra["searches"] >= 1
+    blind = client.completions.create(
+        model="demo", prompt=prompt, max_tokens=64, logit_bias={search: -100}
+    )
+    assert blind.usage.model_extra["searches"] == 0 and "<search>" not in blind.choices[0].text
+    chat = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Where was Gal Borin born?"}],
+        max_tokens=64, logit_bias={search: -100},
+    )  # fmt: skip
+    assert chat.usage.model_extra["searches"] == 0
 
 
 def test_undecided_tail_is_the_longest_stop_prefix():

@@ -107,6 +107,8 @@ GENERATION = {
     "max_searches": st.integers(0, 1), "top_k": st.integers(1, 5),
     "temperature": st.floats(0, 2), "top_p": st.floats(0, 1, exclude_min=True),
     "seed": st.integers(-(2**70), 2**70),
+    "logit_bias": st.dictionaries(st.integers(-3, 2100).map(str) | text, st.floats(-150, 150)
+                                  | st.floats() | text, max_size=3),
     "n": st.sampled_from([1] * 15 + [2]),  # rare: a batch of two runs takes seconds on CPU
     "stop": st.none() | text | st.lists(text, max_size=4),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),

@@ -301,6 +301,16 @@ def test_banned_ids_go_to_the_server_as_logit_bias(serve_app, tok):
     assert replay.bodies[0]["logit_bias"] == {"5": -100, "17": -100}
 
 
+def test_a_requests_logit_bias_goes_to_the_server_with_the_bans_on_top(serve_app, tok):
+    """Guards against a client's logit_bias dropped on the way to vLLM, or overriding a ban."""
+    replay = Replay(WITH_IDS)
+    params = SamplingParams(
+        max_tokens=8, logit_bias=((5, 30.0), (9, -2.5)), banned_ids=frozenset({5})
+    )
+    replay_run(serve_app, replay, tok, params=params)
+    assert replay.bodies[0]["logit_bias"] == {"5": -100, "9": -2.5}
+
+
 def test_replayed_stream_without_token_ids_falls_back_to_retokenizing(serve_app, tok):
     """Guards against a server without return_token_ids breaking the engine: the text of each
     chunk is re-tokenized (here it happens to give the sampled ids) and counted as fallback."""
