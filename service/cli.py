@@ -234,29 +234,43 @@ def _train_sft(args: argparse.Namespace) -> None:
 
 def _train_rl(args: argparse.Namespace) -> None:
     import os
+    from dataclasses import replace
 
-    from training.rl import RLConfig, run_rl
+    from training.rl import RLConfig, read_config, run_rl
 
-    for flag, path in (("--init", args.init / "config.json"), ("--index", args.index),
-                       ("--data", args.data)):  # fmt: skip
+    if args.config is not None:
+        if args.init is not None or args.out is not None:
+            _fail("--config holds every setting (init and out too); give it alone (+ --resume)")
+        try:
+            cfg = read_config(args.config)
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            _fail(f"--config: {exc}")
+        cfg = replace(cfg, resume=args.resume or cfg.resume)
+    else:
+        if args.init is None or args.out is None:
+            _fail("train rl needs --init and --out (or --config FILE)")
+        cfg = RLConfig(
+            init=args.init,
+            out=args.out,
+            index=args.index,
+            data=args.data,
+            stage=args.stage_name,
+            steps=args.steps,
+            prompts_per_step=args.prompts_per_step,
+            num_generations=args.num_generations,
+            lr=args.lr,
+            beta=args.beta,
+            mu=args.mu,
+            types=tuple(args.types.split(",")) if args.types else None,
+            resume=args.resume,
+        )
+    checks = [("init", cfg.init / "config.json"), ("data", cfg.data)]
+    if cfg.retriever_url is None:
+        checks.append(("index", cfg.index or Path("(none)")))
+    for name, path in checks:
         if not path.exists():
-            _fail(f"{flag}: {path} does not exist")
+            _fail(f"{name}: {path} does not exist")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
-    cfg = RLConfig(
-        init=args.init,
-        out=args.out,
-        index=args.index,
-        data=args.data,
-        stage=args.stage_name,
-        steps=args.steps,
-        prompts_per_step=args.prompts_per_step,
-        num_generations=args.num_generations,
-        lr=args.lr,
-        beta=args.beta,
-        mu=args.mu,
-        types=tuple(args.types.split(",")) if args.types else None,
-        resume=args.resume,
-    )
     report = run_rl(cfg)
     print(json.dumps({k: v for k, v in report.items() if k != "log"}))
 
@@ -465,8 +479,13 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--recheck", type=float, default=0.0, help="oracle recheck rate per hop")
     sft.set_defaults(func=_train_sft)
     rl = t.add_parser("rl", help="outcome RL (GRPO) with retrieval in the loop")
-    rl.add_argument("--init", type=Path, required=True, help="checkpoint to start from")
-    rl.add_argument("--out", type=Path, required=True)
+    rl.add_argument(
+        "--config",
+        type=Path,
+        help="a JSON file of RLConfig fields (configs/rl/*.json); only --resume goes with it",
+    )
+    rl.add_argument("--init", type=Path, help="checkpoint to start from")
+    rl.add_argument("--out", type=Path)
     rl.add_argument("--index", type=Path, default=Path("artifacts/demo/index"))
     rl.add_argument("--data", type=Path, default=Path("artifacts/demo/world/train.jsonl"))
     rl.add_argument(

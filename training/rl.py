@@ -33,7 +33,7 @@ from agent.checkpoint import load_format, load_tokenizer
 from agent.engine import SamplingParams
 from agent.events import Finished
 from agent.loop import AgentLoop, Limits, RunParams
-from agent.tags import TagFormat
+from agent.tags import TagFormat, get_format
 from agent.tokenizer import Tokenizer
 from training import rewards
 from training.sft import _jsonable, export_checkpoint
@@ -45,8 +45,8 @@ STAGES = ("1", "2", "plus")
 class RLConfig:
     init: Path  # the checkpoint to start from (SFT, or an earlier stage)
     out: Path
-    index: Path  # the retrieval index rollouts search
     data: Path  # jsonl with question / answer (the demo world's train split)
+    index: Path | None = None  # the retrieval index rollouts search (or `retriever_url`)
     stage: str = "1"
     steps: int = 40
     prompts_per_step: int = 4
@@ -63,6 +63,19 @@ class RLConfig:
     seed: int = 0
     resume: bool = False  # continue from the last checkpoint in `out`
     save_steps: int = 20
+    # -- real scale (configs/rl/): the same rollouts, on a vLLM server, with remote retrieval --
+    # TRL's vLLM server mode: rollouts decode on this server (`VLLM_SERVER_DEV_MODE=1 vllm serve`
+    # or `trl vllm-serve`) through OpenAIEngine, and TRL pushes the policy's weights to it
+    # before every rollout batch. None: decode with the live policy in this process.
+    vllm_url: str | None = None
+    vllm_model: str | None = None  # the model name that server serves (default: str(init))
+    vllm_extra: dict[str, Any] | None = None  # added to every completion request's body
+    retriever_url: str | None = None  # search this retrieval server instead of `index`
+    retriever_api: str = "searchagent"  # its request shape (retrieval.remote.APIS)
+    format: str | None = None  # tag format preset when `init` has no agent.json
+    per_device_batch: int | None = None  # None: prompts_per_step x num_generations
+    gradient_accumulation_steps: int = 1
+    bf16: bool = False
 
 
 def run_rl(cfg: RLConfig) -> dict:
@@ -97,25 +110,29 @@ def build_trainer(cfg: RLConfig):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from trl import GRPOConfig
 
-    from retrieval.index import load_index
-
     torch.manual_seed(cfg.seed)
-    fmt = load_format(cfg.init)
+    fmt = get_format(cfg.format) if cfg.format else load_format(cfg.init)
     tokenizer = load_tokenizer(cfg.init, fmt)
     rows = _read_rows(cfg.data, cfg.max_questions, cfg.seed, cfg.types)
     dataset = Dataset.from_list([{"prompt": r["question"], "answer": r["answer"]} for r in rows])
-    model = AutoModelForCausalLM.from_pretrained(str(cfg.init), dtype=torch.float32)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.init), dtype=dtype)
     processing = PreTrainedTokenizerFast.from_pretrained(str(cfg.init))
     if processing.pad_token is None:
         processing.pad_token = "<|pad|>"
     cfg.out.mkdir(parents=True, exist_ok=True)
-    retriever = load_index(cfg.index)
-    batch = cfg.prompts_per_step * cfg.num_generations
+    retriever = rollout_retriever(cfg)
+    batch = cfg.per_device_batch or cfg.prompts_per_step * cfg.num_generations
+    vllm = (
+        {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": cfg.vllm_url}
+        if cfg.vllm_url
+        else {}
+    )
     args = GRPOConfig(
         output_dir=str(cfg.out / ".trainer"),
         max_steps=cfg.steps,
         per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_generations=cfg.num_generations,
         learning_rate=cfg.lr,
         lr_scheduler_type="constant",
@@ -129,11 +146,12 @@ def build_trainer(cfg: RLConfig):
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=cfg.bf16,
         seed=cfg.seed,
         shuffle_dataset=True,
         log_completions=False,
         reward_weights=[1.0, 0.0, 0.0, 0.0],  # _Policy.reward trains; em/searches/format: logged
+        **vllm,
     )
     golds = {r["question"]: r["answer"] for r in rows}
     policy = _Policy(fmt, tokenizer, retriever, cfg, golds)
@@ -169,17 +187,27 @@ class _Policy:
 
     def rollout(self, prompts: list[str], trainer) -> dict[str, Any]:
         """TRL's `rollout_func`: one agent run per prompt (TRL already repeats each prompt
-        `num_generations` times, consecutively)."""
+        `num_generations` times, consecutively). The policy decodes in this process, or on the
+        vLLM server of `cfg.vllm_url`, whose weights TRL has just synced."""
+        limits = Limits(
+            max_searches=self.cfg.max_searches, max_tokens=self.cfg.max_tokens, top_k=self.cfg.top_k
+        )
+        if self.cfg.vllm_url:
+            if self.loop is None:
+                from agent.openai_engine import OpenAIEngine
+
+                name = self.cfg.vllm_model or str(self.cfg.init)
+                engine = OpenAIEngine(
+                    self.cfg.vllm_url, self.tokenizer, name, extra_body=self.cfg.vllm_extra
+                )
+                self.loop = AgentLoop(engine, self.retriever, self.fmt, limits)
+            finished = self._events.run_until_complete(self._run_all(prompts))
+            return self._output(prompts, finished)
         from agent.hf_engine import TransformersEngine
 
         model = trainer.accelerator.unwrap_model(trainer.model)
         if self.loop is None:
             engine = TransformersEngine(None, self.tokenizer, model=model, max_sessions=0)
-            limits = Limits(
-                max_searches=self.cfg.max_searches,
-                max_tokens=self.cfg.max_tokens,
-                top_k=self.cfg.top_k,
-            )
             self.loop = AgentLoop(engine, self.retriever, self.fmt, limits)
         self.loop.engine.invalidate()  # type: ignore[attr-defined]
         was_training = model.training
@@ -188,6 +216,10 @@ class _Policy:
             finished = self._events.run_until_complete(self._run_all(prompts))
         finally:
             model.train(was_training)
+        return self._output(prompts, finished)
+
+    def _output(self, prompts: list[str], finished: list[Finished]) -> dict[str, Any]:
+        """What TRL takes back from `rollout_func`."""
         out: dict[str, Any] = {
             "prompt_ids": [f.trajectory.prompt_ids for f in finished],
             "completion_ids": [f.trajectory.completion_ids for f in finished],
@@ -307,6 +339,39 @@ def memorization_nll(model, rows: list[tuple[list[int], list[int]]], pad_id: int
         input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)
     )
     return out.loss
+
+
+def rollout_retriever(cfg: RLConfig):
+    """The retriever rollouts search: a retrieval server (`retriever_url`, e.g. our
+    `retrieve-serve` over a Wikipedia index) or a local index directory."""
+    if cfg.retriever_url:
+        from retrieval.remote import RemoteRetriever
+
+        return RemoteRetriever(cfg.retriever_url, cfg.retriever_api)
+    if cfg.index is None:
+        raise ValueError("RL rollouts need an index directory or a retriever_url")
+    from retrieval.index import load_index
+
+    return load_index(cfg.index)
+
+
+def read_config(path: Path) -> RLConfig:
+    """An `RLConfig` from a JSON file of its fields (configs/rl/*.json). Raises ValueError
+    naming an unknown or missing field."""
+    from dataclasses import fields
+
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object of RLConfig fields")
+    known = {f.name: f for f in fields(RLConfig)}
+    if unknown := sorted(set(raw) - set(known)):
+        raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}")
+    paths = {"init", "out", "index", "data"}
+    values = {k: Path(v) if k in paths else tuple(v) if k == "types" else v for k, v in raw.items()}
+    try:
+        return RLConfig(**values)
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def _read_rows(

@@ -1,0 +1,79 @@
+"""The real-scale RL path on this machine: rollouts decoded by a vLLM-shaped server over HTTP
+(`RLConfig.vllm_url`, TRL's vLLM server mode) and searched through a retrieval server
+(`retriever_url`), with our own service standing in for both (`agent: false` completions are
+vLLM's; `/retrieve` is ours). TRL's weight push to vLLM needs a GPU server and is not run here."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from training.rl import RLConfig, _Policy, build_trainer, read_config, rollout_retriever
+
+
+def test_rollouts_over_http_equal_the_in_process_ones(
+    demo_artifacts, demo_app, serve_app, tmp_path
+):
+    """Guards against the vLLM path producing other trajectories than the local one (a prompt
+    re-tokenized, documents not injected, env_mask off by the injected tokens) or searching
+    another retriever than it was told to."""
+    url = serve_app(demo_app)
+    local = RLConfig(
+        init=demo_artifacts / "sft",
+        out=tmp_path / "local",
+        data=demo_artifacts / "world" / "train.jsonl",
+        index=demo_artifacts / "index",
+        stage="2",
+        steps=1,
+        prompts_per_step=2,
+        num_generations=2,
+        temperature=0.0,
+        max_questions=8,
+    )
+    remote = replace(
+        local,
+        out=tmp_path / "remote",
+        index=None,
+        vllm_url=url,
+        vllm_model="demo",
+        vllm_extra={"agent": False},  # our server decodes plainly only when asked; vLLM always
+        retriever_url=f"{url}/retrieve",
+        retriever_api="searchagent",
+    )
+    questions = [json.loads(line)["question"] for line in local.data.open()][:2]
+    prompts = [q for q in questions for _ in range(2)]  # TRL repeats each prompt per generation
+
+    trainer = build_trainer(local)
+    here = trainer.rollout_func(prompts, trainer)
+    policy = _Policy(trainer.rollout_func.__self__.fmt, trainer.rollout_func.__self__.tokenizer,
+                     rollout_retriever(remote), remote, golds={})  # fmt: skip
+    there = policy.rollout(prompts, None)
+
+    assert type(policy.loop.engine).__name__ == "OpenAIEngine"
+    assert policy.loop.engine.stats.requests >= len(prompts)
+    assert type(policy.retriever).__name__ == "RemoteRetriever"
+    for key in ("prompt_ids", "completion_ids", "env_mask"):
+        assert there[key] == here[key], key
+    docs_open = policy.tokenizer.token_id(policy.fmt.docs_open)
+    for ids, mask in zip(there["completion_ids"], there["env_mask"], strict=True):
+        assert docs_open in ids  # every rollout searched and got documents over HTTP
+        injected = [i for i, m in zip(ids, mask, strict=True) if m == 0]
+        assert injected[0] == docs_open and 0 < len(injected) < len(ids)
+
+
+def test_real_scale_configs_load(tmp_path):
+    """Guards against the shipped recipe (configs/rl/*.json) drifting from RLConfig: a renamed
+    field would only fail on the GPU cluster."""
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "rl").glob("*.json"))
+    assert len(configs) == 3
+    for path in configs:
+        cfg = read_config(path)
+        assert cfg.vllm_url and cfg.retriever_url and cfg.bf16 and cfg.index is None
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"init": "x", "out": "y", "data": "z", "learning_rate": 1}))
+    with pytest.raises(ValueError, match="unknown field.*learning_rate"):
+        read_config(bad)
