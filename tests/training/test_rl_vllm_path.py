@@ -1,7 +1,8 @@
 """The real-scale RL path on this machine: rollouts decoded by a vLLM-shaped server over HTTP
 (`RLConfig.vllm_url`, TRL's vLLM server mode) and searched through a retrieval server
 (`retriever_url`), with our own service standing in for both (`agent: false` completions are
-vLLM's; `/retrieve` is ours). TRL's weight push to vLLM needs a GPU server and is not run here."""
+vLLM's; `/retrieve` is ours). TRL's weight push to vLLM needs a GPU server and is not run here.
+Also what a long run needs: the shipped configs load, and a stopped run resumes."""
 
 from __future__ import annotations
 
@@ -77,3 +78,30 @@ def test_real_scale_configs_load(tmp_path):
     bad.write_text(json.dumps({"init": "x", "out": "y", "data": "z", "learning_rate": 1}))
     with pytest.raises(ValueError, match="unknown field.*learning_rate"):
         read_config(bad)
+
+
+def test_rl_resumes_from_its_last_checkpoint(demo_artifacts, tmp_path):
+    """Guards against `--resume` starting over (the history of the first run lost, its steps
+    trained twice) or not continuing to the new step count."""
+    from training.rl import run_rl
+
+    cfg = RLConfig(
+        init=demo_artifacts / "sft",
+        out=tmp_path / "rl",
+        data=demo_artifacts / "world" / "train.jsonl",
+        index=demo_artifacts / "index",
+        stage="2",
+        steps=2,
+        prompts_per_step=2,
+        num_generations=2,
+        max_tokens=48,
+        max_questions=16,
+        save_steps=1,
+    )
+    first = run_rl(cfg)
+    assert first["steps"] == 2 and list((cfg.out / ".trainer").glob("checkpoint-2"))
+    # another seed: a fresh start would log other rewards for steps 1 and 2
+    second = run_rl(replace(cfg, steps=3, resume=True, seed=7))
+    assert second["steps"] == 3
+    assert [row["step"] for row in second["log"]] == [1, 2, 3]
+    assert second["log"][:2] == first["log"]
