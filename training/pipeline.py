@@ -21,7 +21,18 @@ from pathlib import Path
 from training.rl import RLConfig, run_rl
 from training.sft import SFTConfig, run_sft
 
-RL_STAGES = (("rl-stage1", "1"), ("rl-stage2", "2"), ("rl-plus", "plus"))
+MULTI_HOP = ("2hop", "comparison")
+# (checkpoint, RLConfig.stage, the question types it trains on; None: all). The cold start fails
+# multi-hop questions (the committed SFT: 1-hop EM 0.74, 2-hop and comparison 0.0), so R1-Searcher's
+# stages 1 and 2 train there first; multi-hop alone then costs 1-hop answers (the policy searches a
+# second time and answers the wrong hop: 1-hop EM 0.74 -> 0.40, measured), so stage 2 goes on over
+# every type; R1-Searcher++ trains on every type, famous-entity questions among them.
+RL_STAGES = (
+    ("rl-stage1", "1", MULTI_HOP),
+    ("rl-stage2", "2", MULTI_HOP),
+    ("rl-stage2-all", "2", None),
+    ("rl-plus", "plus", None),
+)
 
 
 @dataclass(frozen=True)
@@ -35,16 +46,18 @@ class PipelineConfig:
     sft_steps: int = 300
     sft_copy_steps: int = 800  # at most: it stops at the copy-accuracy target
     sft_init: Path | None = None  # use this SFT checkpoint instead of training one
-    rl_steps: int = 15
+    rl_steps: int = 15  # per RL stage, unless one of the next says otherwise
     # stage 1 rewards searching + format: a cold start that already does both (reward 1 for every
     # rollout, zero advantage) learns nothing there, so it may get fewer steps
-    rl_stage1_steps: int | None = None  # None: rl_steps
+    rl_stage1_steps: int | None = None
+    rl_mixed_steps: int | None = None  # stage 2 over every question type
+    rl_plus_steps: int | None = None
     rl_lr: float = 1e-4
     rl_generations: int = 8  # rollouts per question (the GRPO group)
-    # R1-Searcher stages 1 and 2 train on the multi-hop questions, where the cold start fails
-    # (the committed SFT: 1-hop EM 0.74, 2-hop and comparison 0.0); R1-Searcher++ on all types,
-    # famous-entity questions among them.
-    rl_types: tuple[str, ...] | None = ("2hop", "comparison")
+    # R1-Searcher++'s memorization weight. Its paper's 0.1 (a 7B model, lr 2e-6) collapsed the demo
+    # policy: the NLL of answers rewritten without search (3-4 nats on names it never saw) swamped
+    # the policy gradient, and it stopped searching (searches/q 1.7 -> 0.07, EM 0.33 -> 0.07).
+    rl_mu: float = 0.01
     eval_limit: int = 150  # questions per world
     seed: int = 0
 
@@ -75,7 +88,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         )
         timings["sft"] = time.monotonic() - start
     previous = sft
-    for i, (name, stage) in enumerate(RL_STAGES):
+    steps = {"rl-stage1": cfg.rl_stage1_steps, "rl-stage2-all": cfg.rl_mixed_steps,
+             "rl-plus": cfg.rl_plus_steps}  # fmt: skip
+    for i, (name, stage, types) in enumerate(RL_STAGES):
         ckpt = cfg.out / name
         if not (ckpt / "training.json").is_file():
             start = time.monotonic()
@@ -86,12 +101,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                     index=cfg.demo / "index",
                     data=cfg.demo / "world" / "train.jsonl",
                     stage=stage,
-                    steps=cfg.rl_steps
-                    if stage != "1" or cfg.rl_stage1_steps is None
-                    else cfg.rl_stage1_steps,
+                    steps=steps.get(name) or cfg.rl_steps,
                     lr=cfg.rl_lr,
                     num_generations=cfg.rl_generations,
-                    types=cfg.rl_types if stage != "plus" else None,
+                    types=types,
+                    mu=cfg.rl_mu,
                     seed=cfg.seed + 1 + i,  # each stage its own question order and samples
                 )
             )
@@ -135,7 +149,7 @@ EVAL_ROWS = (
     ("no-retrieval", "sft", "no-retrieval"),
     ("naive RAG", "sft", "naive-rag"),
     ("SFT", "sft", "agent"),
-    ("RL (R1-Searcher)", "rl-stage2", "agent"),
+    ("RL (R1-Searcher)", "rl-stage2-all", "agent"),
     ("RL++ (R1-Searcher++)", "rl-plus", "agent"),
 )
 DEMO_TEST, SECOND_WORLD, FAMOUS = "demo test", "second world", "famous"
@@ -212,7 +226,7 @@ def plot_rl(out: Path, plots: Path) -> Path:
         ("rewards/em/mean", "EM (train rollouts, T=1)"),
         ("rewards/searches/mean", "searches per rollout"),
     )
-    for name, _ in RL_STAGES:
+    for name, _, _ in RL_STAGES:
         log = json.loads((out / name / "training.json").read_text())["log"]
         for ax, (key, title) in zip(axes, series, strict=True):
             points = [(row["step"], row[key]) for row in log if key in row]
@@ -263,8 +277,9 @@ def results_markdown(
         ),
         "Every row runs greedily through the agent loop with BM25 top-3. no-retrieval and naive "
         "RAG are the SFT policy with no search carried out, and with one retrieval for the "
-        "question itself injected before it writes; SFT, RL (stage 2, after stage 1) and RL++ "
-        "search as they decide. Tokens are generated tokens (documents excluded).",
+        "question itself injected before it writes; SFT, RL (stage 1, then stage 2 on multi-hop "
+        "questions, then on all) and RL++ search as they decide. Tokens are generated tokens "
+        "(documents excluded).",
     ]
     heads = "| row | EM | F1 | " + " | ".join(f"{t} EM | {t} F1" for t in TYPES)
     rule = "|---|---|---|" + "---|---|" * len(TYPES) + "---|---|"

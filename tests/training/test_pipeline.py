@@ -26,7 +26,7 @@ from training.pipeline import (
 def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
     """Guards against: a stage's log missing from the plot (a silent KeyError skip), a PNG that
     is not one, and a results table that drops a checkpoint or mislabels its numbers."""
-    for i, (name, _) in enumerate(RL_STAGES):
+    for i, (name, _, _) in enumerate(RL_STAGES):
         log = [
             {"step": s, "reward": 0.1 * s + i, "rewards/em/mean": 0.5, "rewards/searches/mean": 1.0}
             for s in range(1, 6)
@@ -112,8 +112,8 @@ def test_rewriting_results_keeps_the_retro_search_part(tmp_path):
 
 
 def test_rl_trains_on_the_question_types_asked_for(tmp_path):
-    """Guards against `rl_types` being ignored (stages 1 and 2 then spend their few steps on the
-    1-hop questions the cold start already answers) or silently training on nothing."""
+    """Guards against a stage's question types being ignored (the multi-hop stages would then
+    spend their few steps on 1-hop questions the cold start answers) or training on nothing."""
     import pytest
 
     from training.rl import _read_rows
