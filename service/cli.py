@@ -376,7 +376,6 @@ def _train_pipeline(args: argparse.Namespace) -> None:
         sft_init=args.sft_init,
         rl_steps=args.rl_steps,
         rl_stage1_steps=args.rl_stage1_steps,
-        rl_mixed_steps=args.rl_mixed_steps,
         rl_plus_steps=args.rl_plus_steps,
         rl_mu=args.rl_mu,
         rl_generations=args.rl_generations,
@@ -517,7 +516,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--rl-generations", type=int, default=8, help="rollouts per question")
     pl.add_argument("--rl-stage1-steps", type=int, help="stage 1's steps (default --rl-steps)")
-    pl.add_argument("--rl-mixed-steps", type=int, help="stage 2 over all types (--rl-steps)")
     pl.add_argument("--rl-plus-steps", type=int, help="R1-Searcher++'s steps (--rl-steps)")
     pl.add_argument("--rl-mu", type=float, default=0.01, help="memorization loss weight")
     pl.add_argument("--eval-limit", type=int, default=150, help="test questions per world")
