@@ -151,10 +151,7 @@ class AgentLoop:
             traj.completion_ids += asked
             traj.env_mask += [0] * len(asked)
             yield SearchStarted(query)
-            docs = await self._documents(query, p, usage, traj, deadline)
-            traj.completion_ids += docs.ids
-            traj.env_mask += [0] * len(docs.ids)
-            yield docs
+            yield await self._documents(query, p, usage, traj, deadline)
         while True:
             budget = min(
                 p.max_tokens - usage.completion_tokens,
@@ -202,8 +199,6 @@ class AgentLoop:
                 break
             yield SearchStarted(query)
             docs = await self._documents(query, p, usage, traj, deadline)
-            traj.completion_ids += docs.ids
-            traj.env_mask += [0] * len(docs.ids)
             detok = Detokenizer(self._tok)  # documents are not part of the model's text stream
             yield docs
             if docs.error == DEADLINE_ERROR:
@@ -271,6 +266,8 @@ class AgentLoop:
     async def _documents(
         self, query: str, p: RunParams, usage: Usage, traj: Trajectory, deadline: float
     ) -> Documents:
+        """Search `query` (or say why not) and inject the documents block into `traj` (env_mask
+        0), counting the search and the retrieved tokens in `usage`."""
         assert p.max_searches is not None and p.top_k is not None
         passages: list[Passage] = []
         error: str | None = None
@@ -296,6 +293,8 @@ class AgentLoop:
         body = f" {error}" if error else self.fmt.render_documents(passages)
         ids = self._docs_before + self._tok.encode_untrusted(body) + self._docs_after
         usage.retrieved_tokens += len(ids)
+        traj.completion_ids += ids
+        traj.env_mask += [0] * len(ids)
         return Documents(query, passages, self._tok.decode(ids), ids, error)
 
     def _answer(self, text: str) -> str | None:

@@ -189,26 +189,16 @@ class _Policy:
         """TRL's `rollout_func`: one agent run per prompt (TRL already repeats each prompt
         `num_generations` times, consecutively). The policy decodes in this process, or on the
         vLLM server of `cfg.vllm_url`, whose weights TRL has just synced."""
-        limits = Limits(
-            max_searches=self.cfg.max_searches, max_tokens=self.cfg.max_tokens, top_k=self.cfg.top_k
-        )
+        if self.loop is None:
+            cfg = self.cfg
+            limits = Limits(
+                max_searches=cfg.max_searches, max_tokens=cfg.max_tokens, top_k=cfg.top_k
+            )
+            self.loop = AgentLoop(self._engine(trainer), self.retriever, self.fmt, limits)
         if self.cfg.vllm_url:
-            if self.loop is None:
-                from agent.openai_engine import OpenAIEngine
-
-                name = self.cfg.vllm_model or str(self.cfg.init)
-                engine = OpenAIEngine(
-                    self.cfg.vllm_url, self.tokenizer, name, extra_body=self.cfg.vllm_extra
-                )
-                self.loop = AgentLoop(engine, self.retriever, self.fmt, limits)
             finished = self._events.run_until_complete(self._run_all(prompts))
             return self._output(prompts, finished)
-        from agent.hf_engine import TransformersEngine
-
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if self.loop is None:
-            engine = TransformersEngine(None, self.tokenizer, model=model, max_sessions=0)
-            self.loop = AgentLoop(engine, self.retriever, self.fmt, limits)
         self.loop.engine.invalidate()  # type: ignore[attr-defined]
         was_training = model.training
         model.eval()
@@ -217,6 +207,20 @@ class _Policy:
         finally:
             model.train(was_training)
         return self._output(prompts, finished)
+
+    def _engine(self, trainer):
+        """The vLLM server's `OpenAIEngine`, or a `TransformersEngine` over the live policy."""
+        if self.cfg.vllm_url:
+            from agent.openai_engine import OpenAIEngine
+
+            name = self.cfg.vllm_model or str(self.cfg.init)
+            return OpenAIEngine(
+                self.cfg.vllm_url, self.tokenizer, name, extra_body=self.cfg.vllm_extra
+            )
+        from agent.hf_engine import TransformersEngine
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        return TransformersEngine(None, self.tokenizer, model=model, max_sessions=0)
 
     def _output(self, prompts: list[str], finished: list[Finished]) -> dict[str, Any]:
         """What TRL takes back from `rollout_func`."""

@@ -14,6 +14,20 @@ import pytest
 from training.rl import RLConfig, _Policy, build_trainer, read_config, rollout_retriever
 
 
+def demo_config(demo, out, **settings) -> RLConfig:
+    """Stage-2 RL on the demo checkpoint, index and train split, two rollouts of two prompts."""
+    return RLConfig(
+        init=demo / "sft",
+        out=out,
+        data=demo / "world" / "train.jsonl",
+        index=demo / "index",
+        stage="2",
+        prompts_per_step=2,
+        num_generations=2,
+        **settings,
+    )
+
+
 def test_rollouts_over_http_equal_the_in_process_ones(
     demo_artifacts, demo_app, serve_app, tmp_path
 ):
@@ -21,17 +35,8 @@ def test_rollouts_over_http_equal_the_in_process_ones(
     re-tokenized, documents not injected, env_mask off by the injected tokens) or searching
     another retriever than it was told to."""
     url = serve_app(demo_app)
-    local = RLConfig(
-        init=demo_artifacts / "sft",
-        out=tmp_path / "local",
-        data=demo_artifacts / "world" / "train.jsonl",
-        index=demo_artifacts / "index",
-        stage="2",
-        steps=1,
-        prompts_per_step=2,
-        num_generations=2,
-        temperature=0.0,
-        max_questions=8,
+    local = demo_config(
+        demo_artifacts, tmp_path / "local", steps=1, temperature=0.0, max_questions=8
     )
     remote = replace(
         local,
@@ -85,18 +90,8 @@ def test_rl_resumes_from_its_last_checkpoint(demo_artifacts, tmp_path):
     trained twice) or not continuing to the new step count."""
     from training.rl import run_rl
 
-    cfg = RLConfig(
-        init=demo_artifacts / "sft",
-        out=tmp_path / "rl",
-        data=demo_artifacts / "world" / "train.jsonl",
-        index=demo_artifacts / "index",
-        stage="2",
-        steps=2,
-        prompts_per_step=2,
-        num_generations=2,
-        max_tokens=48,
-        max_questions=16,
-        save_steps=1,
+    cfg = demo_config(
+        demo_artifacts, tmp_path / "rl", steps=2, max_tokens=48, max_questions=16, save_steps=1
     )
     first = run_rl(cfg)
     assert first["steps"] == 2 and list((cfg.out / ".trainer").glob("checkpoint-2"))
