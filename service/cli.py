@@ -378,6 +378,7 @@ def _train_pipeline(args: argparse.Namespace) -> None:
         rl_stage1_steps=args.rl_stage1_steps,
         rl_plus_steps=args.rl_plus_steps,
         rl_mu=args.rl_mu,
+        rl_lr=args.rl_lr,
         rl_generations=args.rl_generations,
         eval_limit=args.eval_limit,
     )
@@ -518,6 +519,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--rl-stage1-steps", type=int, help="stage 1's steps (default --rl-steps)")
     pl.add_argument("--rl-plus-steps", type=int, help="R1-Searcher++'s steps (--rl-steps)")
     pl.add_argument("--rl-mu", type=float, default=0.01, help="memorization loss weight")
+    pl.add_argument("--rl-lr", type=float, default=1e-4, help="every RL stage's learning rate")
     pl.add_argument("--eval-limit", type=int, default=150, help="test questions per world")
     pl.set_defaults(func=_train_pipeline)
 

@@ -96,6 +96,8 @@ def _plan(
     for i, step in enumerate(steps):
         before = "" if i == 0 else f" {fact(steps[i - 1])}. Next"
         thought = f"{before} I need {need(step)}."
+        if i == 0 and len(steps) > 1:
+            thought = f" I need {_goal(question, steps)}, so first {need(step)}."
         if waste.detour and rng.random() < waste.detour:  # no draw at 0: the plain SFT data
             other = {**step, "relation": _sibling(step["relation"], rng)}
             detour = f" Alternatively, I could look up {need(other)} first."
@@ -113,6 +115,21 @@ def _plan(
     answer = f"{fmt.answer_open} {question['answer']}{fmt.answer_close}"
     segments.append(think(f" {summary}") + answer)
     return segments, looks_up
+
+
+def _goal(question: dict, steps: list[dict]) -> str:
+    """A multi-hop question's whole plan, which the first thought states: "the country of the
+    birthplace of X", "the birth year of X and the birth year of Y". Measured on the committed
+    cold start trained without it: it answered after the first search on 33 of 40 2-hop
+    questions (teacher-forced, the token after the first fact was the think close instead of
+    " Next"). Deciding at that point needs the question's form, ~100 document tokens back; the
+    plan's ", so first" in the model's own thought is a nearby, fixed cue."""
+    if question["type"] == "comparison":
+        return " and ".join(RELATIONS[s["relation"]].need.format(e=s["entity"]) for s in steps)
+    goal = steps[0]["entity"]
+    for step in steps:
+        goal = RELATIONS[step["relation"]].need.format(e=goal)
+    return goal
 
 
 def _sibling(relation: str, rng: random.Random) -> str:

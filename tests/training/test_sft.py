@@ -69,3 +69,35 @@ def test_copy_warm_up_rows_score_only_the_repeated_span(tiny_checkpoint):
         copy = ids[start:]
         assert all(mask[start:]) and not any(mask[:start]) and 4 <= len(copy) <= 16
         assert ids[start - 1] == marker and ids[start - 1 - len(copy) : start - 1] == copy
+
+
+def test_oracle_states_a_multi_hop_plan_before_its_first_search(small_world):
+    """Guards against multi-hop traces whose first thought names only the first hop: a policy
+    trained on them cannot tell, after the first documents, whether to answer or search again
+    (measured: the cold start trained without the plan answered after one search on 33 of 40
+    2-hop questions). 1-hop thoughts carry no plan, so the cue is multi-hop's alone."""
+    from training.oracle import oracle_segments
+
+    questions = [json.loads(x) for x in (small_world / "train.jsonl").read_text().splitlines()]
+    seen = set()
+    for q in questions:
+        first, *later = oracle_segments(q, DEFAULT)
+        thought = first.split(DEFAULT.think_close)[0]
+        seen.add(q["type"])
+        if q["type"] == "1hop":
+            assert ", so first" not in thought
+            continue
+        head = q["chain"][0]["entity"]
+        assert thought.endswith(f", so first the {_need_word(q['chain'][0])} of {head}.")
+        assert all(", so first" not in s for s in later)
+        if q["type"] == "2hop":  # "the country of the birthplace of X": outer hop named first
+            assert f" of the {_need_word(q['chain'][0])} of {head}," in thought
+        else:  # "the birth year of X and the birth year of Y"
+            assert all(f" of {s['entity']}" in thought for s in q["chain"])
+    assert seen == {"1hop", "2hop", "comparison"}
+
+
+def _need_word(step: dict) -> str:
+    from training.oracle import RELATIONS
+
+    return RELATIONS[step["relation"]].need.format(e="").removeprefix("the ").removesuffix(" of ")
