@@ -100,11 +100,18 @@ def test_playground_shows_searches_documents_and_the_answer(demo_app, serve_app,
     browser.get(f"{url}/")
     assert browser.title == "searchagent playground"
     wait(browser, lambda d: text(d, "#model option") == "demo", "GET v1/models not shown")
-    browser.execute_script(  # the indicator is brief with the demo index: record that it showed
+    browser.execute_script(  # the indicator is brief with the demo index: record that it showed.
+        # From the records, not the element's state when the callback runs: shown and hidden again
+        # in one task (both SSE events in one read) leaves it hidden by then. Each record holds the
+        # value before it, so the value after it is the next record's old value (the last one's
+        # is the current state); a null there is a moment the `hidden` attribute was absent.
         "window.sawSearching = false;"
-        "new MutationObserver(() => { if (!document.getElementById('searching').hidden)"
-        " window.sawSearching = true; })"
-        ".observe(document.getElementById('searching'), {attributes: true});"
+        "const el = document.getElementById('searching');"
+        "new MutationObserver((records) => {"
+        " const after = records.slice(1).map((r) => r.oldValue);"
+        " after.push(el.getAttribute('hidden'));"
+        " if (after.includes(null)) window.sawSearching = true; })"
+        ".observe(el, {attributes: true, attributeFilter: ['hidden'], attributeOldValue: true});"
     )
     ask(browser, QUESTION)
     wait(
