@@ -94,10 +94,11 @@ def _plan(
     segments: list[str] = []
     looks_up: list[int | None] = []
     for i, step in enumerate(steps):
-        before = "" if i == 0 else f" {fact(steps[i - 1])}. Next"
-        thought = f"{before} I need {need(step)}."
         if i == 0 and len(steps) > 1:
             thought = f" I need {_goal(question, steps)}, so first {need(step)}."
+        else:
+            before = "" if i == 0 else f" {fact(steps[i - 1])}. Next"
+            thought = f"{before} I need {need(step)}."
         if waste.detour and rng.random() < waste.detour:  # no draw at 0: the plain SFT data
             other = {**step, "relation": _sibling(step["relation"], rng)}
             detour = f" Alternatively, I could look up {need(other)} first."

@@ -22,15 +22,11 @@ from pathlib import Path
 from training.rl import RLConfig, run_rl
 from training.sft import SFTConfig, run_sft
 
-# (checkpoint, RLConfig.stage, the question types it trains on; None: all). Every stage trains on
-# every type, as the papers do. (A cold start without the oracle's plan failed multi-hop questions,
-# and RL on them alone taught the policy to search twice on 1-hop questions too: 1-hop EM 0.74 ->
-# 0.40, measured 2026-11-21; see training/oracle.py `_goal`.)
-RL_STAGES = (
-    ("rl-stage1", "1", None),
-    ("rl-stage2", "2", None),
-    ("rl-plus", "plus", None),
-)
+# (checkpoint, RLConfig.stage). Every stage trains on every question type, as the papers do. (A
+# cold start without the oracle's plan failed multi-hop questions, and RL on them alone taught the
+# policy to search twice on 1-hop questions too: 1-hop EM 0.74 -> 0.40, measured 2026-11-21; see
+# training/oracle.py `_goal`.)
+RL_STAGES = (("rl-stage1", "1"), ("rl-stage2", "2"), ("rl-plus", "plus"))
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         timings["sft"] = time.monotonic() - start
     previous = sft
     steps = {"rl-stage1": cfg.rl_stage1_steps, "rl-plus": cfg.rl_plus_steps}
-    for i, (name, stage, types) in enumerate(RL_STAGES):
+    for i, (name, stage) in enumerate(RL_STAGES):
         ckpt = cfg.out / name
         if not (ckpt / "training.json").is_file():
             start = time.monotonic()
@@ -100,7 +96,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                     steps=steps.get(name) or cfg.rl_steps,
                     lr=cfg.rl_lr,
                     num_generations=cfg.rl_generations,
-                    types=types,
                     mu=cfg.rl_mu,
                     seed=cfg.seed + 1 + i,  # each stage its own question order and samples
                 )
@@ -222,7 +217,7 @@ def plot_rl(out: Path, plots: Path) -> Path:
         ("rewards/em/mean", "EM (train rollouts, T=1)"),
         ("rewards/searches/mean", "searches per rollout"),
     )
-    for name, _, _ in RL_STAGES:
+    for name, _ in RL_STAGES:
         log = json.loads((out / name / "training.json").read_text())["log"]
         for ax, (key, title) in zip(axes, series, strict=True):
             points = [(row["step"], row[key]) for row in log if key in row]

@@ -26,7 +26,7 @@ from training.pipeline import (
 def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
     """Guards against: a stage's log missing from the plot (a silent KeyError skip), a PNG that
     is not one, and a results table that drops a checkpoint or mislabels its numbers."""
-    for i, (name, _, _) in enumerate(RL_STAGES):
+    for i, (name, _) in enumerate(RL_STAGES):
         log = [
             {"step": s, "reward": 0.1 * s + i, "rewards/em/mean": 0.5, "rewards/searches/mean": 1.0}
             for s in range(1, 6)
