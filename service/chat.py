@@ -24,11 +24,11 @@ from service.errors import BadRequestError, ContextLengthError, ModelNotFoundErr
 from service.metrics import Metrics
 from service.protocol import (
     AssistantMessage,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
     Choice,
+    ChunkFrames,
     CompletionRequest,
     Delta,
     StreamChoice,
@@ -403,27 +403,20 @@ def stream(ctx: ChatContext, req: ChatCompletionRequest, run: ChatRun) -> AsyncI
 async def _chat_frames(
     ctx: ChatContext, req: ChatCompletionRequest, run: ChatRun
 ) -> AsyncIterator[str]:
-    cid, created = completion_id(), now()
-
-    def frame(choices: list[StreamChoice], **extra) -> str:
-        chunk = ChatCompletionChunk(
-            id=cid, created=created, model=ctx.model_id, choices=choices, **extra
-        )
-        return f"data: {chunk.model_dump_json()}\n\n"
-
+    frames = ChunkFrames(completion_id(), now(), ctx.model_id)
     states = [run.new_state(ctx) for _ in range(run.n)]
     for i in range(run.n):
-        yield frame([StreamChoice(index=i, delta=Delta(role="assistant", content=""))])
-    runs = [_choice_frames(ctx, run, i, state, frame) for i, state in enumerate(states)]
-    async with aclosing(merge(runs)) as frames:
-        async for text in frames:
+        yield frames.chunk([StreamChoice(index=i, delta=Delta(role="assistant", content=""))])
+    runs = [_choice_frames(ctx, run, i, state, frames) for i, state in enumerate(states)]
+    async with aclosing(runs[0] if run.n == 1 else merge(runs)) as choice_frames:
+        async for text in choice_frames:
             yield text
     if req.stream_options and req.stream_options.include_usage:
-        yield frame([], usage=total_usage(states))
+        yield frames.chunk([], usage=total_usage(states))
 
 
 async def _choice_frames(
-    ctx: ChatContext, run: ChatRun, index: int, state: RunState, frame
+    ctx: ChatContext, run: ChatRun, index: int, state: RunState, frames: ChunkFrames
 ) -> AsyncIterator[str]:
     """One choice's frames: its deltas, keep-alives, then its final frame."""
     params = run.params_for(index)
@@ -432,23 +425,18 @@ async def _choice_frames(
             if delta is None:
                 yield ": searching\n\n"  # SSE comment: keeps proxies and clients waiting
             else:
-                yield frame([StreamChoice(index=index, delta=delta)])
+                yield frames.delta(index, delta)
     late = state.final_text()
     if late is not None:
-        yield frame([StreamChoice(index=index, delta=Delta(content=late))])
+        yield frames.delta(index, Delta(content=late))
     final = StreamChoice(index=index, delta=Delta(), finish_reason=state.finish_reason)
-    yield frame([final], search_trace=state.search_trace())
+    yield frames.chunk([final], search_trace=state.search_trace())
 
 
 async def merge(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
-    """Items of several async iterators as they come. One stream is passed through as is; for
-    more, each is drained by a task into a queue. Closing the merge (client gone) cancels every
-    task, which closes its iterator and so its agent run; an error in one ends the merge."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as only:
-            async for item in only:
-                yield item
-        return
+    """Items of several async iterators as they come, each drained by a task into a queue.
+    Closing the merge (client gone) cancels every task, which closes its iterator and so its
+    agent run; an error in one ends the merge."""
     queue: asyncio.Queue[tuple[str | None, BaseException | None]] = asyncio.Queue(16)
 
     async def drain(it: AsyncIterator[str]) -> None:

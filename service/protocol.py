@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
+from json.encoder import encode_basestring
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -254,6 +255,55 @@ class ChatCompletionChunk(BaseModel):
     @model_serializer(mode="wrap")
     def _sparse(self, handler: SerializerFunctionWrapHandler) -> dict:
         return _drop_none(handler(self), ("search_trace",))
+
+
+_DELTA_TEXT = ("content", "reasoning_content", "reasoning")
+
+
+class ChunkFrames:
+    """The SSE frames of one chat completion stream.
+
+    A token's frame (one per generated token: the hot path) is spliced from a template: the
+    chunk rendered once through pydantic with a marker in each text field, split at the
+    markers, cached per (choice index, fields set). The frame is byte-identical to
+    `ChatCompletionChunk(...).model_dump_json()` (tested over arbitrary text); it costs about a
+    tenth of the CPU. Anything else (the role chunk, final chunks, usage) goes through pydantic.
+    """
+
+    def __init__(self, id: str, created: int, model: str) -> None:
+        self.id, self.created, self.model = id, created, model
+        self._templates: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+
+    def chunk(self, choices: list[StreamChoice], **extra: Any) -> str:
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, **extra
+        )
+        return f"data: {chunk.model_dump_json()}\n\n"
+
+    def delta(self, index: int, delta: Delta) -> str:
+        """The frame of a text-only delta of choice `index` (no finish reason)."""
+        if delta.role is not None:
+            return self.chunk([StreamChoice(index=index, delta=delta)])
+        fields = tuple(k for k in _DELTA_TEXT if getattr(delta, k) is not None)
+        key = (index, fields)
+        if key not in self._templates:
+            self._templates[key] = self._template(index, fields)
+        parts = self._templates[key]
+        out = [parts[0]]
+        for name, part in zip(fields, parts[1:], strict=True):
+            out += (encode_basestring(getattr(delta, name)), part)
+        return "".join(out)
+
+    def _template(self, index: int, fields: tuple[str, ...]) -> list[str]:
+        """The chunk's frame split around each field's text (random markers: no id or model
+        name holds one)."""
+        marks = {name: f"\x01{uuid.uuid4().hex}\x01" for name in fields}
+        rest = self.chunk([StreamChoice(index=index, delta=Delta(**marks))])
+        parts = []
+        for name in fields:
+            head, _, rest = rest.partition(encode_basestring(marks[name]))
+            parts.append(head)
+        return [*parts, rest]
 
 
 def _drop_none(data: dict, keys: tuple[str, ...]) -> dict:
