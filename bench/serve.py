@@ -155,9 +155,18 @@ class Pool:
         self.host, self.port = host, port
         self.idle: list[SseConnection] = []
 
-    async def close(self) -> None:
-        for conn in self.idle:
-            await conn.close()
+
+def read_frame(payload: bytes | str, stamps: list[float]) -> int | None:
+    """One `data:` frame's JSON: stamps its arrival if it carries text; its completion tokens
+    if it is the usage chunk."""
+    chunk = json.loads(payload)
+    if "error" in chunk:
+        raise RuntimeError(f"error frame: {chunk['error']}")
+    for choice in chunk["choices"]:
+        delta = choice["delta"]
+        if delta.get("content") or delta.get("reasoning_content"):
+            stamps.append(time.perf_counter())
+    return chunk["usage"]["completion_tokens"] if chunk.get("usage") else None
 
 
 async def http_one(pool: Pool, body: dict) -> Sample:
@@ -166,19 +175,10 @@ async def http_one(pool: Pool, body: dict) -> Sample:
     stamps: list[float] = []
     tokens = None
     async for event in conn.post_events("/v1/chat/completions", body):
-        if not event.startswith(b"data: "):
-            continue  # ": searching" keep-alives
-        if event == b"data: [DONE]":
-            continue  # the body ends right after it
-        chunk = json.loads(event[6:])
-        if "error" in chunk:
-            raise RuntimeError(f"error frame: {chunk['error']}")
-        for choice in chunk["choices"]:
-            delta = choice["delta"]
-            if delta.get("content") or delta.get("reasoning_content"):
-                stamps.append(time.perf_counter())
-        if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
+        # ": searching" keep-alives carry nothing; the body ends right after [DONE]
+        if event.startswith(b"data: ") and event != b"data: [DONE]":
+            if (n := read_frame(event[6:], stamps)) is not None:
+                tokens = n
     end = time.perf_counter()
     pool.idle.append(conn)
     return sample(start, stamps, end, tokens)
@@ -193,15 +193,9 @@ async def httpx_one(client: httpx.AsyncClient, body: dict) -> Sample:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:500]!r}")
         async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            for choice in chunk["choices"]:
-                delta = choice["delta"]
-                if delta.get("content") or delta.get("reasoning_content"):
-                    stamps.append(time.perf_counter())
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            if line.startswith("data: ") and line != "data: [DONE]":
+                if (n := read_frame(line[6:], stamps)) is not None:
+                    tokens = n
     return sample(start, stamps, time.perf_counter(), tokens)
 
 

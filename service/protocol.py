@@ -257,9 +257,6 @@ class ChatCompletionChunk(BaseModel):
         return _drop_none(handler(self), ("search_trace",))
 
 
-_DELTA_TEXT = ("content", "reasoning_content", "reasoning")
-
-
 class ChunkFrames:
     """The SSE frames of one chat completion stream.
 
@@ -284,7 +281,7 @@ class ChunkFrames:
         """The frame of a text-only delta of choice `index` (no finish reason)."""
         if delta.role is not None:
             return self.chunk([StreamChoice(index=index, delta=delta)])
-        fields = tuple(k for k in _DELTA_TEXT if getattr(delta, k) is not None)
+        fields = tuple(k for k, v in delta if v is not None)  # the text fields set (role is None)
         key = (index, fields)
         if key not in self._templates:
             self._templates[key] = self._template(index, fields)
