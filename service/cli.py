@@ -9,6 +9,7 @@ training code and `index build` never loads torch.
   searchagent eval --predictions FILE.jsonl [--format r1-searcher] [--json]   (no model)
   searchagent train sft --out DIR [--worlds N --per-world N --steps N]
   searchagent train sft --init DIR --data FILE --out DIR   (distil a retro dataset)
+  searchagent train sft --init DIR --knowledge WORLD --out DIR   (R1-Searcher++ cold start)
   searchagent train rl --init DIR --out DIR [--stage 1|2|plus --steps N]
   searchagent retro --policy DIR --revisor DIR --data FILE --out FILE [--originals FILE]
   searchagent retro --revisor DIR --traces FILE --out FILE     (revise traces already made)
@@ -201,6 +202,17 @@ def _train_sft(args: argparse.Namespace) -> None:
         _fail(f"--data: {args.data} does not exist")
     if args.data is not None and args.init is None:
         _fail("--data needs --init: a distillation dataset fine-tunes an existing checkpoint")
+    if args.knowledge is not None:
+        if args.init is None:
+            _fail("--knowledge needs --init: the cold start on a world fine-tunes a checkpoint")
+        if args.data is not None:
+            _fail("--knowledge and --data are two kinds of training rows: give one")
+        missing = [
+            n for n in ("corpus.jsonl", "train.jsonl", "world.json")
+            if not (args.knowledge / n).is_file()
+        ]  # fmt: skip
+        if missing:
+            _fail(f"--knowledge: {args.knowledge} is not a world directory (no {missing[0]})")
     try:
         keep = tuple(int(i) for i in args.keep_layers.split(",")) if args.keep_layers else None
     except ValueError:
@@ -219,6 +231,7 @@ def _train_sft(args: argparse.Namespace) -> None:
         init=args.init,
         keep_layers=keep,
         data=args.data,
+        knowledge=args.knowledge,
         waste=Waste(detour=args.detour, recheck=args.recheck),
         world_seeds=tuple(range(args.first_world, args.first_world + args.worlds)),
         per_world=args.per_world,
@@ -477,6 +490,11 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--batch-size", type=int, default=16)
     sft.add_argument("--seed", type=int, default=0)
     sft.add_argument("--data", type=Path, help="a distillation jsonl (searchagent retro --out)")
+    sft.add_argument(
+        "--knowledge",
+        type=Path,
+        help="a world directory: its corpus as text + traces recalling its well-known facts",
+    )
     sft.add_argument("--keep-layers", help="e.g. 0,3: a smaller model from --init's layers")
     sft.add_argument("--detour", type=float, default=0.0, help="oracle detour rate per hop")
     sft.add_argument("--recheck", type=float, default=0.0, help="oracle recheck rate per hop")

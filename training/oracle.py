@@ -64,16 +64,27 @@ _SIBLINGS = (
 
 
 def oracle_segments(
-    question: dict, fmt: TagFormat, waste: Waste = Waste(), rng: random.Random | None = None
+    question: dict,
+    fmt: TagFormat,
+    waste: Waste = Waste(),
+    rng: random.Random | None = None,
+    known: frozenset[tuple[str, str]] = frozenset(),
 ) -> list[str]:
     """The oracle's text for each round: think + search, ..., think + answer.
 
-    Every name follows a space and every tag is followed by a space (see `agent.tags`)."""
-    return _plan(question, fmt, waste, rng or random.Random(0))[0]
+    A hop whose (entity, relation) is in `known` is recalled ("I know that X was born in Y.")
+    instead of searched: R1-Searcher++'s cold start answers from internal knowledge where the
+    model has it. Every name follows a space and every tag is followed by a space (see
+    `agent.tags`)."""
+    return _plan(question, fmt, waste, rng or random.Random(0), known)[0]
 
 
 def _plan(
-    question: dict, fmt: TagFormat, waste: Waste, rng: random.Random
+    question: dict,
+    fmt: TagFormat,
+    waste: Waste,
+    rng: random.Random,
+    known: frozenset[tuple[str, str]] = frozenset(),
 ) -> tuple[list[str], list[int | None]]:
     """(segments, for each search the chain step it looks up, None for a detour)."""
     steps = question["chain"]
@@ -93,12 +104,20 @@ def _plan(
 
     segments: list[str] = []
     looks_up: list[int | None] = []
+    thought, stated, searched = "", set(), False  # the open thought; hops it states
     for i, step in enumerate(steps):
         if i == 0 and len(steps) > 1:
-            thought = f" I need {_goal(question, steps)}, so first {need(step)}."
+            thought += f" I need {_goal(question, steps)}, so first {need(step)}."
         else:
-            before = "" if i == 0 else f" {fact(steps[i - 1])}. Next"
-            thought = f"{before} I need {need(step)}."
+            if searched:  # what the last documents said
+                thought += f" {fact(steps[i - 1])}."
+                stated.add(i - 1)
+            thought += f"{' Next' if i else ''} I need {need(step)}."
+        if (step["entity"], step["relation"]) in known:
+            thought += f" I know that {fact(step)}."
+            stated.add(i)
+            searched = False
+            continue
         if waste.detour and rng.random() < waste.detour:  # no draw at 0: the plain SFT data
             other = {**step, "relation": _sibling(step["relation"], rng)}
             detour = f" Alternatively, I could look up {need(other)} first."
@@ -107,14 +126,15 @@ def _plan(
             thought = f" That is not what I need. I need {need(step)}."
         segments.append(think(thought) + search(step))
         looks_up.append(i)
+        thought, stated, searched = "", set(), True
         if waste.recheck and rng.random() < waste.recheck:
             recheck = f" {fact(step)}. Wait, let me double-check {need(step)}."
             segments.append(think(recheck) + search(step))
             looks_up.append(i)
-    facts = [steps[-1]] if question["type"] != "comparison" else steps
-    summary = " ".join(f"{fact(s)}." for s in facts)
+    last = [len(steps) - 1] if question["type"] != "comparison" else range(len(steps))
+    summary = "".join(f" {fact(steps[i])}." for i in last if i not in stated)
     answer = f"{fmt.answer_open} {question['answer']}{fmt.answer_close}"
-    segments.append(think(f" {summary}") + answer)
+    segments.append(think(thought + summary) + answer)
     return segments, looks_up
 
 
@@ -146,9 +166,10 @@ async def oracle_trajectory(
     top_k: int,
     waste: Waste = Waste(),
     rng: random.Random | None = None,
+    known: frozenset[tuple[str, str]] = frozenset(),
 ) -> Trajectory | None:
     """Run the oracle through the real loop; None when retrieval missed a needed fact."""
-    texts, looks_up = _plan(question, fmt, waste, rng or random.Random(0))
+    texts, looks_up = _plan(question, fmt, waste, rng or random.Random(0), known)
     segments = [tokenizer.encode(s) for s in texts]
     engine = ScriptedEngine(tokenizer, segments)
     loop = AgentLoop(engine, retriever, fmt, Limits(max_tokens=4096, max_context=8192))

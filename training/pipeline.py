@@ -1,5 +1,5 @@
 """The whole demo training pipeline: world -> tokenizer -> SFT -> RL stage 1 -> RL stage 2 ->
-R1-Searcher++ -> evaluation, with RESULTS.md and plots.
+R1-Searcher++ (its cold start, then RL) -> evaluation, with RESULTS.md and plots.
 
 Run: `make train` (= `searchagent train pipeline`). Each stage writes its checkpoint under `out`
 and is skipped when that checkpoint already exists, so an interrupted run continues where it
@@ -22,11 +22,17 @@ from pathlib import Path
 from training.rl import RLConfig, run_rl
 from training.sft import SFTConfig, run_sft
 
-# (checkpoint, RLConfig.stage). Every stage trains on every question type, as the papers do. (A
-# cold start without the oracle's plan failed multi-hop questions, and RL on them alone taught the
-# policy to search twice on 1-hop questions too: 1-hop EM 0.74 -> 0.40, measured 2026-11-21; see
-# training/oracle.py `_goal`.)
-RL_STAGES = (("rl-stage1", "1"), ("rl-stage2", "2"), ("rl-plus", "plus"))
+# (checkpoint, RLConfig.stage, the checkpoint it starts from). Every stage trains on every
+# question type, as the papers do. (A cold start without the oracle's plan failed multi-hop
+# questions, and RL on them alone taught the policy to search twice on 1-hop questions too: 1-hop
+# EM 0.74 -> 0.40, measured 2026-11-21; see training/oracle.py `_goal`.) R1-Searcher++ starts from
+# its own cold start, as in its paper: the SFT taught which facts it knows (`SFT_PLUS`).
+SFT_PLUS = "sft-plus"
+RL_STAGES = (
+    ("rl-stage1", "1", "sft"),
+    ("rl-stage2", "2", "rl-stage1"),
+    ("rl-plus", "plus", SFT_PLUS),
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,10 @@ class PipelineConfig:
     sft_steps: int = 300
     sft_copy_steps: int = 800  # at most: it stops at the copy-accuracy target
     sft_init: Path | None = None  # use this SFT checkpoint instead of training one
+    # R1-Searcher++'s cold start: the SFT fine-tuned on the demo world's corpus as text and on
+    # traces that recall its well-known facts (`training.sft._knowledge_rows`)
+    sft_plus_steps: int = 400
+    sft_plus_lr: float = 3e-4
     rl_steps: int = 15  # per RL stage, unless one of the next says otherwise
     # stage 1 rewards searching + format: a cold start that already does both (reward 1 for every
     # rollout, zero advantage) learns nothing there, so it may get fewer steps
@@ -80,15 +90,30 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             )
         )
         timings["sft"] = time.monotonic() - start
-    previous = sft
+    plus = cfg.out / SFT_PLUS
+    if not (plus / "training.json").is_file():
+        start = time.monotonic()
+        plus.mkdir(parents=True, exist_ok=True)
+        run_sft(
+            SFTConfig(
+                out=plus,
+                init=sft,
+                knowledge=cfg.demo / "world",
+                steps=cfg.sft_plus_steps,
+                lr=cfg.sft_plus_lr,
+                per_world=1500,  # the demo world's own search traces, beside the recalled
+                seed=cfg.seed,
+            )
+        )
+        timings[SFT_PLUS] = time.monotonic() - start
     steps = {"rl-stage1": cfg.rl_stage1_steps, "rl-plus": cfg.rl_plus_steps}
-    for i, (name, stage) in enumerate(RL_STAGES):
+    for i, (name, stage, init) in enumerate(RL_STAGES):
         ckpt = cfg.out / name
         if not (ckpt / "training.json").is_file():
             start = time.monotonic()
             run_rl(
                 RLConfig(
-                    init=previous,
+                    init=cfg.out / init,
                     out=ckpt,
                     index=cfg.demo / "index",
                     data=cfg.demo / "world" / "train.jsonl",
@@ -101,7 +126,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                 )
             )
             timings[name] = time.monotonic() - start
-        previous = ckpt
+    final = cfg.out / RL_STAGES[-1][0]
     scores: dict[str, dict[str, dict]] = {}
     sets = eval_sets(cfg)
     for set_name, index, rows in sets:
@@ -119,9 +144,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         scores[DEMO_TEST][COMMITTED] = evaluate_model(committed, index, rows)
     installed = installs(scores)
     if installed:
-        final = cfg.demo / "rl"
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(previous, final, ignore=shutil.ignore_patterns(".*"))
+        shutil.rmtree(cfg.demo / "rl", ignore_errors=True)
+        shutil.copytree(final, cfg.demo / "rl", ignore=shutil.ignore_patterns(".*"))
     plot = plot_rl(cfg.out, cfg.plots)
     report = {
         "scores": scores,
@@ -141,6 +165,7 @@ EVAL_ROWS = (
     ("naive RAG", "sft", "naive-rag"),
     ("SFT", "sft", "agent"),
     ("RL (R1-Searcher)", "rl-stage2", "agent"),
+    ("RL++ cold start", SFT_PLUS, "agent"),
     ("RL++ (R1-Searcher++)", "rl-plus", "agent"),
 )
 DEMO_TEST, SECOND_WORLD, FAMOUS = "demo test", "second world", "famous"
@@ -217,7 +242,7 @@ def plot_rl(out: Path, plots: Path) -> Path:
         ("rewards/em/mean", "EM (train rollouts, T=1)"),
         ("rewards/searches/mean", "searches per rollout"),
     )
-    for name, _ in RL_STAGES:
+    for name, _, _ in RL_STAGES:
         log = json.loads((out / name / "training.json").read_text())["log"]
         for ax, (key, title) in zip(axes, series, strict=True):
             points = [(row["step"], row[key]) for row in log if key in row]
@@ -268,9 +293,13 @@ def results_markdown(
         ),
         "Every row runs greedily through the agent loop with BM25 top-3. no-retrieval and naive "
         "RAG are the SFT policy with no search carried out, and with one retrieval for the "
-        "question itself injected before it writes; SFT, RL (R1-Searcher's stages 1 then 2) "
-        "and RL++ (R1-Searcher++, from stage 2) search as they decide; every RL stage trains on "
-        "all question types. Tokens are generated tokens (documents excluded).",
+        "question itself injected before it writes; SFT, RL (R1-Searcher's stages 1 then 2 from "
+        "the SFT) and RL++ search as they decide. RL++ is R1-Searcher++: its own cold start (the "
+        "SFT fine-tuned on the demo world's corpus as text and on train-split traces that recall "
+        "the facts that corpus states five or more times instead of searching them; the row "
+        "'RL++ cold start') and then RL with the internal-knowledge reward and the memorization "
+        "loss. Every RL stage trains on all question types. Tokens are generated tokens "
+        "(documents excluded).",
     ]
     heads = "| row | EM | F1 | " + " | ".join(f"{t} EM | {t} F1" for t in TYPES)
     rule = "|---|---|---|" + "---|---|" * len(TYPES) + "---|---|"

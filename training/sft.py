@@ -38,9 +38,11 @@ from training.tokenizer import save_tokenizer, train_tokenizer
 from training.world import (
     WorldConfig,
     generate_world,
+    load_world,
     make_questions,
     render_corpus,
     split_questions,
+    well_known,
 )
 
 TYPE_MIX = {"1hop": 0.55, "2hop": 0.30, "comparison": 0.15}
@@ -52,6 +54,12 @@ class SFTConfig:
     init: Path | None = None  # continue from this checkpoint (its tokenizer, no warm-up)
     keep_layers: tuple[int, ...] | None = None  # of init's layers: a smaller model (see shrink)
     data: Path | None = None  # train on this distillation jsonl (retro) instead of the oracle
+    # R1-Searcher++'s cold start on this world (a `build_world` directory) instead of the oracle
+    # on generated worlds: see `_knowledge_rows`
+    knowledge: Path | None = None
+    min_mentions: int = 5  # a fact stated this often in the corpus is recalled, not searched
+    recall_repeats: int = 16  # copies of each trajectory that recalls a fact
+    corpus_epochs: int = 1  # copies of each corpus passage as a language-model row
     waste: Waste = field(default_factory=Waste)  # wasteful oracle traces (demo policies)
     world_seeds: tuple[int, ...] = tuple(range(1000, 1040))
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -71,11 +79,12 @@ class SFTConfig:
 
 def run_sft(cfg: SFTConfig) -> dict:
     t0 = time.monotonic()
-    if cfg.data is not None and cfg.init is None:
-        raise ValueError("training on a dataset (data) needs a checkpoint to start from (init)")
+    if (cfg.data or cfg.knowledge) is not None and cfg.init is None:
+        raise ValueError("data and knowledge fine-tune a checkpoint: they need init")
+    own_rows = cfg.data is not None or cfg.knowledge is not None  # no generated worlds
     # 1. worlds --------------------------------------------------------------------------
     worlds = []
-    for seed in tqdm(() if cfg.data else cfg.world_seeds, desc="worlds", unit="world"):
+    for seed in tqdm(() if own_rows else cfg.world_seeds, desc="worlds", unit="world"):
         world = generate_world(_with_seed(cfg.world, seed))
         corpus = render_corpus(world)
         train = split_questions(make_questions(world), seed)["train"]
@@ -90,6 +99,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     # 3. oracle trajectories, or a distillation dataset -----------------------------------
     if cfg.data is not None:
         rows = read_distillation(cfg.data, tokenizer.vocab_size)
+    elif cfg.knowledge is not None:
+        rows = asyncio.run(_knowledge_rows(cfg.knowledge, tokenizer, cfg))
     else:
         rows = asyncio.run(_trajectories(worlds, tokenizer, cfg))
     # 4–5. warm-up then SFT ----------------------------------------------------------------
@@ -117,7 +128,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     export_checkpoint(model, cfg.out)
     report = {
         "trajectories": len(rows),
-        "worlds": 0 if cfg.data else len(cfg.world_seeds),
+        "worlds": 1 if cfg.knowledge else 0 if cfg.data else len(cfg.world_seeds),
         "final_loss": losses[-1] if losses else None,
         "seconds": round(time.monotonic() - t0, 1),
         "config": _jsonable(asdict(cfg)),
@@ -274,6 +285,50 @@ async def _trajectories(worlds, tokenizer: Tokenizer, cfg: SFTConfig) -> list[di
     bar.close()
     print(f"oracle: {len(rows)} trajectories, {dropped} dropped (retrieval missed a fact)")
     return rows
+
+
+async def _knowledge_rows(world_dir: Path, tokenizer: Tokenizer, cfg: SFTConfig) -> list[dict]:
+    """R1-Searcher++'s cold start on one world: what the model knows, and when to use it.
+
+    - Its corpus as plain text, every token scored (`corpus_epochs` copies): the facts the corpus
+      repeats (`well_known`) become knowledge, as pretraining makes a base model know famous
+      facts; the rest is seen once or twice, too little to recall.
+    - Oracle trajectories on its train split that recall the well-known facts ("I know that ...")
+      and search the rest: every question touching a well-known fact (`recall_repeats` copies:
+      ~100 of ~4000 questions in the demo world) and `per_world` others, for the search skill.
+    """
+    world = load_world(world_dir)
+    corpus = _read_jsonl(world_dir / "corpus.jsonl")
+    known = well_known(world, corpus, cfg.min_mentions)
+    rng = random.Random(cfg.seed)
+    train = _read_jsonl(world_dir / "train.jsonl")
+    touches = [any((s["entity"], s["relation"]) in known for s in q["chain"]) for q in train]
+    recall = [q for q, t in zip(train, touches, strict=True) if t]
+    rest = [q for q, t in zip(train, touches, strict=True) if not t]
+    questions = recall + _sample_questions(rest, cfg.per_world, rng)
+    retriever = BM25Retriever.build(corpus)
+    rows: list[dict] = []
+    for i, q in enumerate(tqdm(questions, desc="oracle trajectories", unit="traj")):
+        traj = await oracle_trajectory(q, tokenizer, retriever, DEFAULT, cfg.top_k, known=known)
+        if traj is not None:
+            row = {
+                "input_ids": traj.prompt_ids + traj.completion_ids,
+                "assistant_masks": [0] * len(traj.prompt_ids) + traj.env_mask,
+            }
+            rows += [row] * (cfg.recall_repeats if i < len(recall) else 1)
+    bos, epochs = [tokenizer.bos_id or 0], max(0, cfg.corpus_epochs)
+    for p in corpus:
+        ids = tokenizer.encode(f" {p['title']}: {p['text']}")
+        rows += [{"input_ids": bos + ids, "assistant_masks": [0] + [1] * len(ids)}] * epochs
+    print(
+        f"knowledge: {len(known)} well-known facts, {len(recall)} questions recall one, "
+        f"{len(rows)} rows with {cfg.corpus_epochs} x {len(corpus)} corpus passages"
+    )
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
 
 
 def _copy_rows(tokenizer: Tokenizer, n: int, seed: int) -> list[dict]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -488,6 +489,28 @@ def split_questions(questions: list[dict[str, Any]], seed: int) -> dict[str, lis
     for q in questions:
         splits[part[q["entities"][0]]].append(q)
     return splits
+
+
+def well_known(
+    world: World, corpus: list[dict], min_mentions: int = 5
+) -> frozenset[tuple[str, str]]:
+    """(subject, relation) of each fact the corpus states over and over: at least `min_mentions`
+    of its sentences name the subject and, after it, the value. A model that read the corpus can
+    recall these; the rest it must look up. In the demo world the facts of its famous entities
+    are stated 5 to 33 times each and every other fact at most twice."""
+    names = sorted({f.subject for f in world.facts}, key=len, reverse=True)
+    subject = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(n) for n in names) + r")(?!\w)")
+    counts: Counter[tuple[str, str]] = Counter()
+    for passage in corpus:
+        for sentence in re.split(r"(?<=\.) ", f"{passage['title']}: {passage['text']}"):
+            first: dict[str, int] = {}  # each subject once a sentence, from where it first ends
+            for m in subject.finditer(sentence):
+                first.setdefault(m.group(), m.end())
+            for name, end in first.items():
+                for f in world.facts_about(name):
+                    if re.search(rf"(?<!\w){re.escape(str(f.object))}(?!\w)", sentence[end:]):
+                        counts[(f.subject, f.relation)] += 1
+    return frozenset(key for key, n in counts.items() if n >= min_mentions)
 
 
 # --- Files ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from training.pipeline import (
 def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
     """Guards against: a stage's log missing from the plot (a silent KeyError skip), a PNG that
     is not one, and a results table that drops a checkpoint or mislabels its numbers."""
-    for i, (name, _) in enumerate(RL_STAGES):
+    for i, (name, _, _) in enumerate(RL_STAGES):
         log = [
             {"step": s, "reward": 0.1 * s + i, "rewards/em/mean": 0.5, "rewards/searches/mean": 1.0}
             for s in range(1, 6)
@@ -141,3 +141,25 @@ def test_pipeline_refuses_an_sft_init_that_is_no_checkpoint(tmp_path, capsys):
     assert exit_info.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--sft-init" in err[0] and "no config.json" in err[0]
+
+
+def test_sft_refuses_a_knowledge_world_that_is_no_world(tmp_path, capsys):
+    """Guards against `train sft --knowledge` on a directory without a world's files, or
+    without a checkpoint to fine-tune, failing with a traceback halfway through."""
+    import pytest
+
+    from service.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (tmp_path / "corpus.jsonl").write_text("")
+    for argv, words in (
+        (["--init", str(ckpt), "--knowledge", str(tmp_path)], "no train.jsonl"),
+        (["--knowledge", str(tmp_path)], "needs --init"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "sft", *argv, "--out", str(tmp_path / "o")])
+        assert exit_info.value.code != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--knowledge" in err[0] and words in err[0]

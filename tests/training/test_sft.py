@@ -101,3 +101,43 @@ def _need_word(step: dict) -> str:
     from training.oracle import RELATIONS
 
     return RELATIONS[step["relation"]].need.format(e="").removeprefix("the ").removesuffix(" of ")
+
+
+def test_cold_start_on_a_world_recalls_well_known_facts(tiny_checkpoint, small_world, small_index):
+    """Guards against R1-Searcher++'s cold start teaching the wrong thing about knowledge: a
+    hop on a well-known fact must be recalled, never searched, and every other hop searched and
+    read from real documents (so it never learns to answer an ordinary fact from nothing); the
+    corpus rows must score every token (that is how the facts become knowledge)."""
+    from training.sft import SFTConfig, _knowledge_rows
+    from training.world import load_world, well_known
+
+    tok = Tokenizer.from_dir(tiny_checkpoint, DEFAULT.eos, DEFAULT.bos)
+    corpus = [json.loads(x) for x in (small_world / "corpus.jsonl").read_text().splitlines()]
+    known = well_known(load_world(small_world), corpus)
+    cfg = SFTConfig(out=tiny_checkpoint, init=tiny_checkpoint, knowledge=small_world, per_world=30)
+    rows = asyncio.run(_knowledge_rows(small_world, tok, cfg))
+    text = [r for r in rows if r["assistant_masks"][1:] and all(r["assistant_masks"][1:])]
+    assert len(text) == cfg.corpus_epochs * len(corpus)
+    traces = [tok.decode(r["input_ids"]) for r in rows if r not in text]
+    recalled = [t for t in traces if " I know that " in t]
+    assert recalled and len(recalled) % cfg.recall_repeats == 0 and len(traces) > len(recalled)
+
+    retriever = load_index(small_index)
+    questions = [json.loads(x) for x in (small_world / "train.jsonl").read_text().splitlines()]
+    seen = set()
+    for q in questions:
+        hops = [(s["entity"], s["relation"]) in known for s in q["chain"]]
+        if not any(hops):
+            continue
+        traj = asyncio.run(oracle_trajectory(q, tok, retriever, DEFAULT, 3, known=known))
+        if traj is None:  # retrieval missed a hop it had to search
+            continue
+        assert traj.answer == q["answer"] and len(traj.searches) == hops.count(False)
+        searched = [s for s, k in zip(q["chain"], hops, strict=True) if not k]
+        for step, search in zip(searched, traj.searches, strict=True):
+            assert search.query.startswith(f"{step['entity']} ")
+        said = tok.decode(traj.completion_ids)
+        for step, k in zip(q["chain"], hops, strict=True):
+            assert (f" I know that {step['entity']} " in said) == k
+        seen.add((q["type"], tuple(hops)))
+    assert ("1hop", (True,)) in seen and any(t != "1hop" for t, _ in seen)

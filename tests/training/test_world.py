@@ -256,3 +256,30 @@ def test_cli_writes_files_and_counts(tmp_path: Path) -> None:
     assert {p.name for p in tmp_path.iterdir()} == {
         "corpus.jsonl", "train.jsonl", "dev.jsonl", "test.jsonl", "world.json",
     }  # fmt: skip
+
+
+def test_well_known_counts_sentences_that_state_the_fact(default):
+    """Guards against R1-Searcher++'s cold start recalling a fact the corpus states once or twice
+    (a model cannot know it) or searching one the corpus repeats: a fact is well known when
+    `min_mentions` sentences name its subject and then its value. In the default world those are
+    the famous entities' facts, every famous person's birthplace among them."""
+    from training.world import Fact, well_known
+
+    world = World(
+        WorldConfig(), [], [Fact("Ann Bo", "born_in", "Cor"), Fact("Ann Bo", "birth_year", 1901)]
+    )
+    said = [
+        {"title": f"T{i}", "text": " Ann Bo, a native of Cor, sang. Cor hosts Ann Bo."}
+        for i in range(4)
+    ]
+    assert well_known(world, said, min_mentions=5) == frozenset()  # 4 sentences in order
+    fifth = {"title": "T4", "text": " X met Ann Bo, who was born in Cor."}
+    assert well_known(world, [*said, fifth], 5) == {("Ann Bo", "born_in")}
+    reversed_only = [{"title": "R", "text": " Cor hosts Ann Bo."}] * 9  # value before subject
+    assert well_known(world, reversed_only, 5) == frozenset()
+    assert well_known(world, [{"title": "Y", "text": " Ann Bo was born in 19010."}] * 5) == set()
+
+    known = well_known(default.world, default.corpus)
+    famous = [e for e in default.world.entities if e.famous]
+    assert known and {s for s, _ in known} <= {e.name for e in famous}
+    assert all((e.name, "born_in") in known for e in famous if e.kind == "person")
