@@ -21,6 +21,7 @@ from pathlib import Path
 
 from training.rl import RLConfig, run_rl
 from training.sft import SFTConfig, run_sft
+from training.world import read_jsonl
 
 # (checkpoint, RLConfig.stage, the checkpoint it starts from). Every stage trains on every
 # question type, as the papers do. (A cold start without the oracle's plan failed multi-hop
@@ -183,12 +184,13 @@ def eval_sets(cfg: PipelineConfig) -> list[tuple[str, Path, list[dict]]]:
     from training.evaluate import famous_names, mark_famous
 
     famous = famous_names(demo / "world.json")
-    everything = [r for split in ("train", "dev", "test") for r in _read(demo / f"{split}.jsonl")]
+    splits = ("train", "dev", "test")
+    everything = [r for split in splits for r in read_jsonl(demo / f"{split}.jsonl")]
     return [
         (DEMO_TEST, cfg.demo / "index",
-         _sample(_read(demo / "test.jsonl"), cfg.eval_limit, cfg.seed)),
+         _sample(read_jsonl(demo / "test.jsonl"), cfg.eval_limit, cfg.seed)),
         (SECOND_WORLD, cfg.demo / "index2",
-         _sample(_read(second / "test.jsonl"), cfg.eval_limit, cfg.seed)),
+         _sample(read_jsonl(second / "test.jsonl"), cfg.eval_limit, cfg.seed)),
         (FAMOUS, cfg.demo / "index", [r for r in mark_famous(everything, famous) if r["famous"]]),
     ]  # fmt: skip
 
@@ -334,10 +336,6 @@ def results_markdown(
     )
     lines += ["", verdict, "", f"![reward, EM and searches per RL step]({plot.as_posix()})", ""]
     return "\n".join(lines)
-
-
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _sample(rows: list[dict], limit: int, seed: int) -> list[dict]:

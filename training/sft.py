@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from agent.checkpoint import write_agent_json
+from agent.events import Trajectory
 from agent.tags import DEFAULT, SPECIAL_TOKENS
 from agent.tokenizer import Tokenizer
 from retrieval.bm25 import BM25Retriever
@@ -40,6 +41,7 @@ from training.world import (
     generate_world,
     load_world,
     make_questions,
+    read_jsonl,
     render_corpus,
     split_questions,
     well_known,
@@ -276,12 +278,7 @@ async def _trajectories(worlds, tokenizer: Tokenizer, cfg: SFTConfig) -> list[di
             if traj is None:
                 dropped += 1
                 continue
-            rows.append(
-                {
-                    "input_ids": traj.prompt_ids + traj.completion_ids,
-                    "assistant_masks": [0] * len(traj.prompt_ids) + traj.env_mask,
-                }
-            )
+            rows.append(_row(traj))
     bar.close()
     print(f"oracle: {len(rows)} trajectories, {dropped} dropped (retrieval missed a fact)")
     return rows
@@ -298,10 +295,10 @@ async def _knowledge_rows(world_dir: Path, tokenizer: Tokenizer, cfg: SFTConfig)
       ~100 of ~4000 questions in the demo world) and `per_world` others, for the search skill.
     """
     world = load_world(world_dir)
-    corpus = _read_jsonl(world_dir / "corpus.jsonl")
+    corpus = read_jsonl(world_dir / "corpus.jsonl")
     known = well_known(world, corpus, cfg.min_mentions)
     rng = random.Random(cfg.seed)
-    train = _read_jsonl(world_dir / "train.jsonl")
+    train = read_jsonl(world_dir / "train.jsonl")
     touches = [any((s["entity"], s["relation"]) in known for s in q["chain"]) for q in train]
     recall = [q for q, t in zip(train, touches, strict=True) if t]
     rest = [q for q, t in zip(train, touches, strict=True) if not t]
@@ -311,15 +308,12 @@ async def _knowledge_rows(world_dir: Path, tokenizer: Tokenizer, cfg: SFTConfig)
     for i, q in enumerate(tqdm(questions, desc="oracle trajectories", unit="traj")):
         traj = await oracle_trajectory(q, tokenizer, retriever, DEFAULT, cfg.top_k, known=known)
         if traj is not None:
-            row = {
-                "input_ids": traj.prompt_ids + traj.completion_ids,
-                "assistant_masks": [0] * len(traj.prompt_ids) + traj.env_mask,
-            }
-            rows += [row] * (cfg.recall_repeats if i < len(recall) else 1)
-    bos, epochs = [tokenizer.bos_id or 0], max(0, cfg.corpus_epochs)
+            rows += [_row(traj)] * (cfg.recall_repeats if i < len(recall) else 1)
+    bos = [tokenizer.bos_id or 0]
     for p in corpus:
         ids = tokenizer.encode(f" {p['title']}: {p['text']}")
-        rows += [{"input_ids": bos + ids, "assistant_masks": [0] + [1] * len(ids)}] * epochs
+        text = {"input_ids": bos + ids, "assistant_masks": [0] + [1] * len(ids)}
+        rows += [text] * cfg.corpus_epochs
     print(
         f"knowledge: {len(known)} well-known facts, {len(recall)} questions recall one, "
         f"{len(rows)} rows with {cfg.corpus_epochs} x {len(corpus)} corpus passages"
@@ -327,8 +321,13 @@ async def _knowledge_rows(world_dir: Path, tokenizer: Tokenizer, cfg: SFTConfig)
     return rows
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+def _row(traj: Trajectory) -> dict:
+    """A trajectory as an SFT row: loss on what the policy wrote, none on the prompt or on the
+    documents the loop injected (`env_mask` 0)."""
+    return {
+        "input_ids": traj.prompt_ids + traj.completion_ids,
+        "assistant_masks": [0] * len(traj.prompt_ids) + traj.env_mask,
+    }
 
 
 def _copy_rows(tokenizer: Tokenizer, n: int, seed: int) -> list[dict]:

@@ -538,6 +538,11 @@ def load_world(directory: Path) -> World:
     return World(WorldConfig(**graph["config"]), entities, [Fact(*f) for f in graph["facts"]])
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a jsonl file written by `build_world` (blank lines skipped)."""
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
 
