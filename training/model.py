@@ -19,7 +19,13 @@ class ModelSize:
 TINY_TEST = ModelSize(hidden=64, layers=2, heads=2, intermediate=176, max_positions=2048)
 
 
-def create_model(vocab_size: int, size: ModelSize, pad_id: int, bos_id: int, eos_id: int):
+def create_model(
+    vocab_size: int, size: ModelSize, pad_id: int, bos_id: int, eos_id: int, seed: int = 0
+):
+    """A freshly initialised policy; the same `seed` gives the same weights (the global RNG is
+    left as it was)."""
+    import torch
+
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=size.hidden,
@@ -34,4 +40,6 @@ def create_model(vocab_size: int, size: ModelSize, pad_id: int, bos_id: int, eos
         bos_token_id=bos_id,
         eos_token_id=eos_id,
     )
-    return LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)

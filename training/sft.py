@@ -113,6 +113,7 @@ def run_sft(cfg: SFTConfig) -> dict:
             tokenizer.token_id("<|pad|>"),
             tokenizer.bos_id or 0,
             tokenizer.eos_id,
+            cfg.seed,
         )
         if cfg.copy_steps:
             copy_rows = _copy_rows(tokenizer, cfg.copy_steps * cfg.copy_batch_size, cfg.seed)
