@@ -377,7 +377,7 @@ def _retro(args: argparse.Namespace) -> None:
 def _train_pipeline(args: argparse.Namespace) -> None:
     import os
 
-    from training.pipeline import PipelineConfig, run_pipeline
+    from training.pipeline import PipelineConfig, check_settings, run_pipeline
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.sft_init is not None and not (args.sft_init / "config.json").is_file():
@@ -395,8 +395,11 @@ def _train_pipeline(args: argparse.Namespace) -> None:
         rl_generations=args.rl_generations,
         eval_limit=args.eval_limit,
     )
-    report = run_pipeline(cfg)
-    print(json.dumps(report))
+    try:
+        check_settings(cfg)  # an --out that holds another run's checkpoints
+    except ValueError as exc:
+        _fail(str(exc))
+    print(json.dumps(run_pipeline(cfg)))
 
 
 def _world_build(args: argparse.Namespace) -> None:
@@ -527,15 +530,15 @@ def _parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=_train_rl)
     pl = t.add_parser("pipeline", help="the demo pipeline: SFT, RL stages, eval, RESULTS.md")
     pl.add_argument("--out", type=Path, default=Path("artifacts/demo/train"))
-    pl.add_argument("--sft-worlds", type=int, default=16)
-    pl.add_argument("--sft-steps", type=int, default=300)
-    pl.add_argument("--rl-steps", type=int, default=15, help="per RL stage")
+    pl.add_argument("--sft-worlds", type=int, default=40, help="the from-scratch SFT's worlds")
+    pl.add_argument("--sft-steps", type=int, default=500, help="the from-scratch SFT's steps")
+    pl.add_argument("--rl-steps", type=int, default=40, help="per RL stage")
     pl.add_argument(
         "--sft-init", type=Path, help="start the RL stages from this SFT checkpoint (no SFT run)"
     )
     pl.add_argument("--rl-generations", type=int, default=8, help="rollouts per question")
-    pl.add_argument("--rl-stage1-steps", type=int, help="stage 1's steps (default --rl-steps)")
-    pl.add_argument("--rl-plus-steps", type=int, help="R1-Searcher++'s steps (--rl-steps)")
+    pl.add_argument("--rl-stage1-steps", type=int, default=4, help="RL stage 1's steps")
+    pl.add_argument("--rl-plus-steps", type=int, default=30, help="R1-Searcher++'s RL steps")
     pl.add_argument("--rl-mu", type=float, default=0.01, help="memorization loss weight")
     pl.add_argument("--rl-lr", type=float, default=1e-4, help="every RL stage's learning rate")
     pl.add_argument("--eval-limit", type=int, default=150, help="test questions per world")

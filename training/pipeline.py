@@ -1,13 +1,17 @@
 """The whole demo training pipeline: world -> tokenizer -> SFT -> RL stage 1 -> RL stage 2 ->
 R1-Searcher++ (its cold start, then RL) -> evaluation, with RESULTS.md and plots.
 
-Run: `make train` (= `searchagent train pipeline`). Each stage writes its checkpoint under `out`
+Run: `make train` (= `searchagent train pipeline --sft-init artifacts/demo/sft`: the RL stages
+and R1-Searcher++ from the committed SFT checkpoint, ~31 minutes on 2 CPU cores), or without
+`--sft-init` to train the SFT from scratch first. Each stage writes its checkpoint under `out`
 and is skipped when that checkpoint already exists, so an interrupted run continues where it
-stopped. The last RL checkpoint is copied to `artifacts/demo/rl`, which `make serve` prefers.
+stopped. The last RL checkpoint is copied to `artifacts/demo/rl`, which `make serve` prefers
+when it scores at least the committed SFT's EM.
 
-The SFT stage here is smaller than the committed checkpoint's (`artifacts/demo/sft`, 40 worlds,
-then 900 steps on 40 more: 88 minutes in two runs): the pipeline has to fit in 45 minutes on a
-2-core machine.
+The from-scratch SFT is the recipe of the committed checkpoint's first run (40 worlds, the copy
+warm-up, 500 steps: ~50 minutes), so the whole pipeline from scratch takes ~80 minutes. A smaller
+SFT that would fit in 45 (16 worlds, 300 steps, warm-up capped at 800 steps) never learned to
+copy a name (EM 0, measured 2026-11-21), so it is not the default.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ import json
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from training.rl import RLConfig, run_rl
-from training.sft import SFTConfig, run_sft
+from training.sft import SFTConfig, _jsonable, run_sft
 from training.world import read_jsonl
 
 # (checkpoint, RLConfig.stage, the checkpoint it starts from). Every stage trains on every
@@ -42,20 +46,20 @@ class PipelineConfig:
     demo: Path = Path("artifacts/demo")  # world + index (`build_demo_data`), and where rl/ goes
     results: Path = Path("RESULTS.md")
     plots: Path = Path("results")
-    sft_worlds: int = 16
+    sft_worlds: int = 40
     sft_per_world: int = 300
-    sft_steps: int = 300
-    sft_copy_steps: int = 800  # at most: it stops at the copy-accuracy target
+    sft_steps: int = 500
+    sft_copy_steps: int = 1500  # at most: it stops at the copy-accuracy target
     sft_init: Path | None = None  # use this SFT checkpoint instead of training one
     # R1-Searcher++'s cold start: the SFT fine-tuned on the demo world's corpus as text and on
     # traces that recall its well-known facts (`training.sft._knowledge_rows`)
     sft_plus_steps: int = 400
     sft_plus_lr: float = 3e-4
-    rl_steps: int = 15  # per RL stage, unless one of the next says otherwise
+    rl_steps: int = 40  # per RL stage, unless one of the next says otherwise
     # stage 1 rewards searching + format: a cold start that already does both (reward 1 for every
     # rollout, zero advantage) learns nothing there, so it may get fewer steps
-    rl_stage1_steps: int | None = None
-    rl_plus_steps: int | None = None
+    rl_stage1_steps: int = 4
+    rl_plus_steps: int = 30
     rl_lr: float = 1e-4
     rl_generations: int = 8  # rollouts per question (the GRPO group)
     # R1-Searcher++'s memorization weight. Its paper's 0.1 (a 7B model, lr 2e-6) collapsed the demo
@@ -72,8 +76,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}  # seconds per stage run now (skipped stages have none)
+    check_settings(cfg)
     build_demo_data(cfg.demo)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     sft = cfg.out / "sft"
     if cfg.sft_init is not None and not (sft / "config.json").is_file():
         shutil.copytree(cfg.sft_init, sft, ignore=shutil.ignore_patterns(".*"))
@@ -157,6 +161,36 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     write_results(cfg.results, results_markdown(cfg, scores, plot, time.monotonic() - t0, timings))
     (cfg.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+# what a report is made of, not what the checkpoints are: a resumed run may change these
+REPORT_ONLY = ("results", "plots", "eval_limit")
+
+
+def check_settings(cfg: PipelineConfig) -> None:
+    """Record the run's training settings in `out/settings.json`, or check them against the
+    recorded ones: a stage is skipped when its checkpoint exists, so a rerun with other settings
+    would silently mix two runs' checkpoints. Raises ValueError saying what differs."""
+    settings = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in REPORT_ONLY}
+    path = cfg.out / "settings.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if changed := sorted(k for k in settings.keys() | recorded.keys()
+                             if settings.get(k) != recorded.get(k)):  # fmt: skip
+            were = ", ".join(f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{cfg.out} holds a run with other settings ({were}): give another --out, or "
+                "remove it to start over"
+            )
+        return
+    stages = ["sft", SFT_PLUS, *(name for name, _, _ in RL_STAGES)]
+    if any((cfg.out / name / "config.json").is_file() for name in stages):
+        raise ValueError(
+            f"{cfg.out} holds checkpoints from a run whose settings were not recorded: give "
+            "another --out, or remove it to start over"
+        )
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 # RESULTS.md's rows: (row, checkpoint under `out`, evaluation mode). The baselines run the SFT
@@ -277,8 +311,9 @@ def results_markdown(
     lines = [
         "# Results — the demo training pipeline",
         "",
-        "Written by `make train` (`searchagent train pipeline`): world -> tokenizer -> SFT -> RL "
-        "stage 1 -> RL stage 2 -> R1-Searcher++ -> evaluation, on this machine's CPU.",
+        "Written by `searchagent train pipeline` (`make train` runs it with `--sft-init "
+        "artifacts/demo/sft`): world -> tokenizer -> SFT -> RL stage 1 -> RL stage 2 -> "
+        "R1-Searcher++ -> evaluation, on this machine's CPU.",
         "",
         f"Total: {seconds / 60:.1f} minutes. Stage times: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())

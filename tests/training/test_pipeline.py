@@ -143,6 +143,41 @@ def test_pipeline_refuses_an_sft_init_that_is_no_checkpoint(tmp_path, capsys):
     assert len(err) == 1 and "--sft-init" in err[0] and "no config.json" in err[0]
 
 
+def test_a_rerun_with_other_settings_does_not_mix_two_runs(tmp_path, capsys):
+    """Guards against the resume rule (a stage with a checkpoint is skipped) silently pairing
+    one run's RL checkpoints with another run's settings, or with a run whose settings were
+    never recorded, while a rerun that only changes the report still resumes."""
+    from dataclasses import replace
+
+    import pytest
+
+    from service.cli import main
+    from training.pipeline import check_settings
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    cfg = PipelineConfig(out=tmp_path / "run", sft_init=ckpt)
+    check_settings(cfg)
+    recorded = json.loads((cfg.out / "settings.json").read_text())
+    assert recorded["rl_steps"] == 40 and recorded["sft_init"] == str(ckpt)
+    check_settings(cfg)
+    check_settings(replace(cfg, eval_limit=30, results=tmp_path / "R.md"))
+    with pytest.raises(ValueError, match=r"rl_lr 0.0001 -> 0.001, rl_steps 40 -> 3"):
+        check_settings(replace(cfg, rl_steps=3, rl_lr=1e-3))
+    assert json.loads((cfg.out / "settings.json").read_text()) == recorded
+
+    (tmp_path / "old" / "rl-stage1").mkdir(parents=True)
+    (tmp_path / "old" / "rl-stage1" / "config.json").write_text("{}")
+    argv = ["train", "pipeline", "--sft-init", str(ckpt), "--out", str(tmp_path / "old")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "settings were not recorded" in err[0]
+    assert not (tmp_path / "old" / "settings.json").exists()
+
+
 def test_sft_refuses_a_knowledge_world_that_is_no_world(tmp_path, capsys):
     """Guards against `train sft --knowledge` on a directory without a world's files, or
     without a checkpoint to fine-tune, failing with a traceback halfway through."""
