@@ -282,13 +282,54 @@ _NO_TOOLS = (
 )
 
 
+# OpenAI and vLLM request fields this server cannot honour: name -> (the values that ask for
+# nothing, the message). Any other value gets a 400 naming the field, not an answer that silently
+# lacks what was asked (`logprobs: true` answered with `"logprobs": null`, a JSON format unenforced). Unknown
+# fields that change no output (`store`, `metadata`, `service_tier`, ...) are logged and ignored.
+_NO_LOGPROBS = "logprobs are not supported"
+_NO_PENALTY = "is not supported (only 0): sampling has temperature, top_p, seed and logit_bias"
+_NO_FORMAT = "only plain text: this server does not constrain decoding to a format"
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+_UNHONOURED_CHAT: dict[str, tuple[tuple, str]] = {
+    "logprobs": ((None, False), _NO_LOGPROBS),
+    "top_logprobs": ((None, 0), _NO_LOGPROBS),
+    "frequency_penalty": ((None, 0), f"frequency_penalty {_NO_PENALTY}"),
+    "presence_penalty": ((None, 0), f"presence_penalty {_NO_PENALTY}"),
+    "response_format": ((None, {"type": "text"}), f"response_format: {_NO_FORMAT}"),
+    "modalities": ((None, ["text"]), "modalities: only text"),
+    "audio": ((None,), "audio output is not supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "web_search_options": ((None,), _NO_TOOLS),
+}
+UNHONOURED_COMPLETION: dict[str, tuple[tuple, str]] = {
+    **{k: _UNHONOURED_CHAT[k] for k in ("frequency_penalty", "presence_penalty")},
+    "response_format": _UNHONOURED_CHAT["response_format"],
+    "best_of": ((None, 1), "best_of is not supported (only 1)"),
+    "suffix": ((None, ""), "suffix (insertion) is not supported"),
+    "repetition_penalty": ((None, 1), "repetition_penalty is not supported (only 1)"),
+    "min_tokens": ((None, 0), "min_tokens is not supported"),
+    "prompt_logprobs": ((None,), _NO_LOGPROBS),
+    "use_beam_search": ((None, False), "beam search is not supported"),
+    **{k: ((None,), f"{k}: {_NO_FORMAT}") for k in _GUIDED},
+}
+
+
+def refuse_unhonoured(extra: dict | None, fields: dict[str, tuple[tuple, str]]) -> None:
+    """A 400 for the first field of `extra` (a request's unknown fields) that asks for what
+    this server cannot do; the rest are logged as ignored."""
+    for name, value in (extra or {}).items():
+        if name in fields and value not in fields[name][0]:
+            raise BadRequestError(fields[name][1], param=name)
+    if extra:
+        log.info("ignoring unknown request fields: %s", sorted(extra))
+
+
 def prepare(ctx: ChatContext, req: ChatCompletionRequest) -> ChatRun:
     """Validate the request against the served model and build the loop's inputs."""
     check_model(ctx, req.model)
     if req.tools or req.functions:
         raise BadRequestError(_NO_TOOLS, param="tools" if req.tools else "functions")
-    if req.model_extra:
-        log.info("ignoring unknown request fields: %s", sorted(req.model_extra))
+    refuse_unhonoured(req.model_extra, _UNHONOURED_CHAT)
     question, turns, system = conversation(ctx, req.messages)
     try:
         prompt_ids = ctx.loop.prompt_ids(question, turns, system)

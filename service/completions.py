@@ -31,11 +31,13 @@ from agent.engine import SamplingParams, StopSpec, TokenChunk
 from agent.loop import RunParams
 from agent.tokenizer import Detokenizer, Tokenizer
 from service.chat import (
+    UNHONOURED_COMPLETION,
     ChatContext,
     RunState,
     check_context,
     check_model,
     collect,
+    refuse_unhonoured,
     run_deltas,
     sampling_params,
     sse,
@@ -61,8 +63,7 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for completions
 def prepare(ctx: ChatContext, req: CompletionRequest) -> PlainCompletion | AgentCompletion:
     """Validate the request (every client mistake raises here, before the first byte)."""
     check_model(ctx, req.model)
-    if req.model_extra:
-        log.info("ignoring unknown request fields: %s", sorted(req.model_extra))
+    refuse_unhonoured(req.model_extra, UNHONOURED_COMPLETION)
     if req.echo:
         raise BadRequestError("echo is not supported", param="echo")
     if req.logprobs is not None:

@@ -118,6 +118,39 @@ def test_stop_ends_the_answer(url):
     assert one_long["choices"][0]["message"]["content"] == ANSWER
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("response_format", {"type": "json_object"}),
+        ("presence_penalty", 0.5),
+        ("web_search_options", {}),
+    ],
+)
+def test_what_cannot_be_honoured_gets_a_clear_400(url, field, value):
+    """Guards against: a field asking for what this server cannot do being dropped, so the
+    client gets an answer without it (`logprobs: true` answered with `"logprobs": null`, which
+    the client then dereferences; a JSON format that was never enforced)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": QUESTION}], **{field: value}
+        )
+    assert err.value.body["param"] == field and err.value.body["message"]
+
+
+def test_fields_that_ask_for_nothing_are_accepted(url):
+    """Guards against: refusing the "off" values clients send by default (LangChain and others
+    send `presence_penalty: 0`, `logprobs: false`) or fields that change no output."""
+    body = chat(
+        url, max_tokens=96, logprobs=False, top_logprobs=0, presence_penalty=0,
+        frequency_penalty=0.0, response_format={"type": "text"}, store=False,
+        metadata={"team": "search"}, service_tier="auto",
+    )  # fmt: skip
+    assert body["choices"][0]["message"]["content"] == ANSWER
+
+
 def test_tools_get_a_clear_400(url):
     """Guards against: tool definitions silently ignored (the client would wait for tool calls
     that never come) or a 500."""

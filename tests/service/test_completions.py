@@ -190,6 +190,10 @@ def test_agent_completion_runs_the_loop(client, demo_app, question, stream):
         ({"prompt": ""}, 400, "prompt", None),
         ({"stop": ["x"]}, 400, "stop", None),  # agent mode has its own stops
         ({"logprobs": 2}, 400, "logprobs", None),
+        ({"best_of": 2}, 400, "best_of", None),  # asked for and not done: no silent ignoring
+        ({"frequency_penalty": 0.5}, 400, "frequency_penalty", None),
+        ({"suffix": " and then"}, 400, "suffix", None),
+        ({"extra_body": {"guided_json": {"type": "object"}}}, 400, "guided_json", None),
         ({"max_tokens": 0}, 400, "max_tokens", None),
         ({"logit_bias": {"seven": 1}}, 400, "logit_bias", None),
         ({"logit_bias": {"7": 100.5}}, 400, "logit_bias", None),
