@@ -284,8 +284,8 @@ _NO_TOOLS = (
 
 # OpenAI and vLLM request fields this server cannot honour: name -> (the values that ask for
 # nothing, the message). Any other value gets a 400 naming the field, not an answer that silently
-# lacks what was asked (`logprobs: true` answered with `"logprobs": null`, a JSON format unenforced). Unknown
-# fields that change no output (`store`, `metadata`, `service_tier`, ...) are logged and ignored.
+# lacks what was asked (`logprobs: true` answered with `"logprobs": null`, a JSON format never
+# enforced). Unknown fields that change no output (`store`, `metadata`, ...) are logged, ignored.
 _NO_LOGPROBS = "logprobs are not supported"
 _NO_PENALTY = "is not supported (only 0): sampling has temperature, top_p, seed and logit_bias"
 _NO_FORMAT = "only plain text: this server does not constrain decoding to a format"

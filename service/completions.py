@@ -85,6 +85,13 @@ def prepare(ctx: ChatContext, req: CompletionRequest) -> PlainCompletion | Agent
             top_k=req.top_k,
         )
         return AgentCompletion(ctx, req, prompt_ids, params)
+    for name in ("max_searches", "top_k"):  # ours, for agent runs: not vLLM's sampling top_k
+        if getattr(req, name) is not None:
+            raise BadRequestError(
+                f"{name} applies to agent runs (agent: true): plain decoding does not search"
+                + (", and has no top-k sampling" if name == "top_k" else ""),
+                param=name,
+            )
     max_tokens = min(req.max_tokens or DEFAULT_MAX_TOKENS, ctx.loop.limits.max_tokens)
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     stop = StopSpec(frozenset(req.stop_token_ids or ()), tuple(s for s in stops if s))

@@ -194,6 +194,8 @@ def test_agent_completion_runs_the_loop(client, demo_app, question, stream):
         ({"frequency_penalty": 0.5}, 400, "frequency_penalty", None),
         ({"suffix": " and then"}, 400, "suffix", None),
         ({"extra_body": {"guided_json": {"type": "object"}}}, 400, "guided_json", None),
+        ({"extra_body": {"agent": False, "top_k": 40}}, 400, "top_k", None),  # not sampling
+        ({"extra_body": {"agent": False, "max_searches": 2}}, 400, "max_searches", None),
         ({"max_tokens": 0}, 400, "max_tokens", None),
         ({"logit_bias": {"seven": 1}}, 400, "logit_bias", None),
         ({"logit_bias": {"7": 100.5}}, 400, "logit_bias", None),
