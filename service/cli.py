@@ -139,6 +139,23 @@ def _read_jsonl(path: Path, limit: int | None) -> list[tuple[int, Any]]:
     return rows
 
 
+def _question_rows(path: Path, limit: int | None) -> list[dict]:
+    """The questions of a jsonl file; each row needs a string `question` and an `answer` (a
+    string or a list of them)."""
+    rows = []
+    for n, row in _read_jsonl(path, limit):
+        answer = row.get("answer") if isinstance(row, dict) else None
+        if not isinstance(row.get("question") if isinstance(row, dict) else None, str) or not (
+            isinstance(answer, str)
+            or (isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer))
+        ):
+            _fail(f"{path}:{n}: a row needs a string 'question' and an 'answer' (string or list)")
+        rows.append(row)
+    if not rows:
+        _fail(f"{path}: no questions in the file")
+    return rows
+
+
 def _eval(args: argparse.Namespace) -> None:
     model_args = {"--model": args.model, "--index": args.index, "--data": args.data}
     if args.predictions is not None:
@@ -151,9 +168,16 @@ def _eval(args: argparse.Namespace) -> None:
         _fail(f"eval needs {', '.join(missing)} (or --predictions FILE, which needs no model)")
     if args.format is not None:
         _fail("--format goes with --predictions; a model's tag format is in its agent.json")
+    from retrieval.index import IndexLoadError, load_index
     from training.evaluate import evaluate_model
 
-    rows = [row for _, row in _read_jsonl(args.data, args.limit)]
+    if not (args.model / "config.json").is_file():
+        _fail(f"--model: {args.model} is not a checkpoint directory (no config.json)")
+    rows = _question_rows(args.data, args.limit)
+    try:
+        load_index(args.index)  # fails here, in one line, not after the model has loaded
+    except IndexLoadError as exc:
+        _fail(f"--index: {exc}")
     report = evaluate_model(args.model, args.index, rows, top_k=args.top_k, mode=args.mode)
     _print_report(report, args.json)
 
@@ -314,17 +338,7 @@ def _retro(args: argparse.Namespace) -> None:
         _fail("--samples and --concurrency must be at least 1, --gamma in (0, 1]")
     if args.limit is not None and args.limit < 1:
         _fail("--limit must be at least 1")
-    rows = []
-    for n, row in _read_jsonl(source, args.limit):
-        answer = row.get("answer") if isinstance(row, dict) else None
-        if not isinstance(row.get("question") if isinstance(row, dict) else None, str) or not (
-            isinstance(answer, str)
-            or (isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer))
-        ):
-            _fail(f"{source}:{n}: a row needs a string 'question' and an 'answer' (string or list)")
-        rows.append(row)
-    if not rows:
-        _fail(f"{source}: no questions in the file")
+    rows = _question_rows(source, args.limit)
     fmt = load_format(policy_dir)
     if load_format(args.revisor) != fmt:
         _fail("--revisor: its tag format (agent.json) differs from the policy's")

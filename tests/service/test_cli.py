@@ -75,3 +75,27 @@ def test_eval_without_model_or_predictions_says_what_it_needs():
         "searchagent: eval needs --model, --index, --data (or --predictions FILE, which needs "
         "no model)"
     )
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("model", "--model: "),
+        ("index", "--index: cannot load index"),
+        ("data", ":1: a row needs a string 'question'"),
+    ],
+)
+def test_eval_of_a_model_refuses_bad_input_in_one_line(tmp_path, demo_artifacts, bad, message):
+    """Guards against a traceback from `eval --model` when the checkpoint or index directory is
+    wrong, or a question row lacks its fields (a KeyError after the model had loaded)."""
+    row = {"q": "Where?"} if bad == "data" else {"question": "Where?", "answer": "There"}
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    args = {"model": demo_artifacts / "sft", "index": demo_artifacts / "index", "data": data}
+    if bad != "data":
+        args[bad] = tmp_path / "nothing"
+    r = _cli("eval", *(f"--{k}={v}" for k, v in args.items()), "--json")
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.startswith("searchagent: ") and r.stderr.strip().count("\n") == 0
+    assert message in r.stderr
