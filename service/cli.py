@@ -307,6 +307,9 @@ def _train_rl(args: argparse.Namespace) -> None:
     for name, path in checks:
         if not path.exists():
             _fail(f"{name}: {path} does not exist")
+    rows = _question_rows(cfg.data, None)
+    if cfg.types and not any(row.get("type") in cfg.types for row in rows):
+        _fail(f"--types: {cfg.data} has no questions of type {', '.join(cfg.types)}")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
     report = run_rl(cfg)
     print(json.dumps({k: v for k, v in report.items() if k != "log"}))

@@ -99,3 +99,26 @@ def test_eval_of_a_model_refuses_bad_input_in_one_line(tmp_path, demo_artifacts,
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert r.stderr.startswith("searchagent: ") and r.stderr.strip().count("\n") == 0
     assert message in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("row", "extra", "message"),
+    [
+        ({"q": "Where?"}, [], ":1: a row needs a string 'question'"),
+        ({"question": "Where?", "answer": "There", "type": "1hop"}, ["--types", "4hop"],
+         "--types: "),
+    ],
+)  # fmt: skip
+def test_train_rl_refuses_bad_questions_in_one_line(tmp_path, demo_artifacts, row, extra, message):
+    """Guards against `train rl` failing with a KeyError traceback once the trainer is built,
+    on a data file whose rows lack their fields or hold none of the types asked for."""
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    r = _cli(
+        "train", "rl", "--init", str(demo_artifacts / "sft"), "--out", str(tmp_path / "o"),
+        "--index", str(demo_artifacts / "index"), "--data", str(data), *extra,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("searchagent: ") and r.stderr.strip().count("\n") == 0
+    assert message in r.stderr and not (tmp_path / "o").exists()
