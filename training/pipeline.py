@@ -2,7 +2,7 @@
 R1-Searcher++ (its cold start, then RL) -> evaluation, with RESULTS.md and plots.
 
 Run: `make train` (= `searchagent train pipeline --sft-init artifacts/demo/sft`: the RL stages
-and R1-Searcher++ from the committed SFT checkpoint, ~31 minutes on 2 CPU cores), or without
+and R1-Searcher++ from the committed SFT checkpoint, ~29 minutes on 2 CPU cores), or without
 `--sft-init` to train the SFT from scratch first. Each stage writes its checkpoint under `out`
 and is skipped when that checkpoint already exists, so an interrupted run continues where it
 stopped. The last RL checkpoint is copied to `artifacts/demo/rl`, which `make serve` prefers
