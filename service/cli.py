@@ -168,17 +168,16 @@ def _eval(args: argparse.Namespace) -> None:
         _fail(f"eval needs {', '.join(missing)} (or --predictions FILE, which needs no model)")
     if args.format is not None:
         _fail("--format goes with --predictions; a model's tag format is in its agent.json")
-    from retrieval.index import IndexLoadError, load_index
+    from retrieval.index import IndexLoadError
     from training.evaluate import evaluate_model
 
     if not (args.model / "config.json").is_file():
         _fail(f"--model: {args.model} is not a checkpoint directory (no config.json)")
     rows = _question_rows(args.data, args.limit)
     try:
-        load_index(args.index)  # fails here, in one line, not after the model has loaded
+        report = evaluate_model(args.model, args.index, rows, top_k=args.top_k, mode=args.mode)
     except IndexLoadError as exc:
         _fail(f"--index: {exc}")
-    report = evaluate_model(args.model, args.index, rows, top_k=args.top_k, mode=args.mode)
     _print_report(report, args.json)
 
 
@@ -273,7 +272,7 @@ def _train_rl(args: argparse.Namespace) -> None:
     import os
     from dataclasses import replace
 
-    from training.rl import RLConfig, read_config, run_rl
+    from training.rl import RLConfig, _read_rows, read_config, run_rl
 
     if args.config is not None:
         if args.init is not None or args.out is not None:
@@ -307,9 +306,11 @@ def _train_rl(args: argparse.Namespace) -> None:
     for name, path in checks:
         if not path.exists():
             _fail(f"{name}: {path} does not exist")
-    rows = _question_rows(cfg.data, None)
-    if cfg.types and not any(row.get("type") in cfg.types for row in rows):
-        _fail(f"--types: {cfg.data} has no questions of type {', '.join(cfg.types)}")
+    _question_rows(cfg.data, None)
+    try:
+        _read_rows(cfg.data, None, cfg.seed, cfg.types)  # the trainer's own pick, checked now
+    except ValueError as exc:
+        _fail(f"--types: {exc}")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
     report = run_rl(cfg)
     print(json.dumps({k: v for k, v in report.items() if k != "log"}))
@@ -394,7 +395,7 @@ def _retro(args: argparse.Namespace) -> None:
 def _train_pipeline(args: argparse.Namespace) -> None:
     import os
 
-    from training.pipeline import PipelineConfig, check_settings, run_pipeline
+    from training.pipeline import PipelineConfig, SettingsMismatch, run_pipeline
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.sft_init is not None and not (args.sft_init / "config.json").is_file():
@@ -413,10 +414,10 @@ def _train_pipeline(args: argparse.Namespace) -> None:
         eval_limit=args.eval_limit,
     )
     try:
-        check_settings(cfg)  # an --out that holds another run's checkpoints
-    except ValueError as exc:
+        report = run_pipeline(cfg)
+    except SettingsMismatch as exc:  # an --out that holds another run's checkpoints
         _fail(str(exc))
-    print(json.dumps(run_pipeline(cfg)))
+    print(json.dumps(report))
 
 
 def _world_build(args: argparse.Namespace) -> None:

@@ -217,10 +217,11 @@ def evaluate_model(
     from agent.hf_engine import TransformersEngine
     from retrieval.index import load_index
 
+    retriever = load_index(index_dir)  # first: a bad index fails before the model loads
     fmt = load_format(model_dir)
     tokenizer = load_tokenizer(model_dir, fmt)
     engine = TransformersEngine(model_dir, tokenizer)
-    loop = AgentLoop(engine, load_index(index_dir), fmt, Limits(top_k=top_k))
+    loop = AgentLoop(engine, retriever, fmt, Limits(top_k=top_k))
     return score_rows(asyncio.run(evaluate_loop(loop, rows, mode=mode)))
 
 

@@ -167,10 +167,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 REPORT_ONLY = ("results", "plots", "eval_limit")
 
 
+class SettingsMismatch(ValueError):
+    """`out` holds checkpoints of a run with other (or unrecorded) settings."""
+
+
 def check_settings(cfg: PipelineConfig) -> None:
     """Record the run's training settings in `out/settings.json`, or check them against the
     recorded ones: a stage is skipped when its checkpoint exists, so a rerun with other settings
-    would silently mix two runs' checkpoints. Raises ValueError saying what differs."""
+    would silently mix two runs' checkpoints. Raises SettingsMismatch saying what differs."""
     settings = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in REPORT_ONLY}
     path = cfg.out / "settings.json"
     if path.is_file():
@@ -178,14 +182,14 @@ def check_settings(cfg: PipelineConfig) -> None:
         if changed := sorted(k for k in settings.keys() | recorded.keys()
                              if settings.get(k) != recorded.get(k)):  # fmt: skip
             were = ", ".join(f"{k} {recorded.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise ValueError(
+            raise SettingsMismatch(
                 f"{cfg.out} holds a run with other settings ({were}): give another --out, or "
                 "remove it to start over"
             )
         return
     stages = ["sft", SFT_PLUS, *(name for name, _, _ in RL_STAGES)]
     if any((cfg.out / name / "config.json").is_file() for name in stages):
-        raise ValueError(
+        raise SettingsMismatch(
             f"{cfg.out} holds checkpoints from a run whose settings were not recorded: give "
             "another --out, or remove it to start over"
         )
