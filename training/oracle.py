@@ -20,6 +20,10 @@ from agent.tags import TagFormat
 from agent.tokenizer import Tokenizer
 from retrieval.types import Retriever
 
+# How a thought states internal knowledge: the cold start's recalled hops ("I know that X was born
+# in Y.") and R1-Searcher++'s memorization targets (`training.rl.rewritten_without_search`)
+RECALL = " I know that"
+
 
 @dataclass(frozen=True)
 class Relation:
@@ -114,7 +118,7 @@ def _plan(
                 stated.add(i - 1)
             thought += f"{' Next' if i else ''} I need {need(step)}."
         if (step["entity"], step["relation"]) in known:
-            thought += f" I know that {fact(step)}."
+            thought += f"{RECALL} {fact(step)}."
             stated.add(i)
             searched = False
             continue

@@ -108,21 +108,48 @@ def test_rl_resumes_from_its_last_checkpoint(demo_artifacts, tmp_path):
         run_rl(replace(cfg, out=demo_artifacts / "sft"))  # an SFT checkpoint is not written over
 
 
-def test_memorization_target_is_the_policys_own_answer_without_the_search(demo_artifacts):
-    """Guards against R1-Searcher++'s memorization loss training tokens the policy never
-    samples: it wrote `<answer>X</answer><|eos|>`, while the policy writes `<answer> X</answer>`
-    (another first answer token) and its runs end at the close tag, never at an EOS."""
+def test_memorization_target_states_what_was_retrieved_as_known(demo_artifacts):
+    """R1-Searcher++'s memorization target is the trace rewritten without search: the facts the
+    documents gave stay, stated as recalled ("I know that …", the cold start's words), so a
+    2-hop plan is not trained to jump to the answer. Also guards against training tokens the
+    policy never samples: the answer block is the policy's own (`<answer> X</answer>`, not
+    `<answer>X</answer>`) and no EOS follows it, since runs end at the close tag."""
     from agent.checkpoint import load_format, load_tokenizer
     from training.rl import rewritten_without_search
 
     fmt = load_format(demo_artifacts / "sft")
     tok = load_tokenizer(demo_artifacts / "sft", fmt)
-    head = f"{fmt.think_open} I need the birthplace of Ada Vorn.{fmt.think_close}"
-    trace = (
-        f"{head}{fmt.search_open} Ada Vorn birthplace{fmt.search_close}{fmt.docs_open} x"
-        f"{fmt.docs_close}{fmt.think_open} Ada Vorn was born in Velmora.{fmt.think_close}"
-        f"{fmt.answer_open} Velmora{fmt.answer_close}"
+    t_open, t_close, s_open, s_close = (
+        fmt.think_open,
+        fmt.think_close,
+        fmt.search_open,
+        fmt.search_close,
     )
-    ids = rewritten_without_search(trace, "Velmora", fmt, tok)
-    assert ids == tok.encode(f"{head}{fmt.answer_open} Velmora{fmt.answer_close}")
-    assert tok.eos_id not in ids and tok.token_id(fmt.search_open) not in ids
+
+    def docs(text):
+        return f"{fmt.docs_open} (1) {text}{fmt.docs_close}"
+
+    trace = (
+        f"{t_open} I need the country of the birthplace of Ada Vorn, so first the birthplace"
+        f" of Ada Vorn.{t_close}{s_open} Ada Vorn birthplace{s_close}{docs('Ada Vorn: born')}"
+        f"{t_open} Ada Vorn was born in Velmora. Next I need the country of Velmora.{t_close}"
+        f"{s_open} Velmora country{s_close}{docs('Velmora: a town')}"
+        f"{t_open} Velmora is in Ostria.{t_close}{fmt.answer_open} Ostria{fmt.answer_close}"
+    )
+    ids = rewritten_without_search(trace, "Ostria", fmt, tok)
+    assert tok.decode(ids) == tok.decode(
+        tok.encode(
+            f"{t_open} I need the country of the birthplace of Ada Vorn, so first the birthplace"
+            " of Ada Vorn. I know that Ada Vorn was born in Velmora. Next I need the country of"
+            f" Velmora. I know that Velmora is in Ostria.{t_close}{fmt.answer_open} Ostria"
+            f"{fmt.answer_close}"
+        )
+    )
+    assert ids[-2:] == tok.encode(f" Ostria{fmt.answer_close}")[-2:]
+    assert tok.eos_id not in ids and tok.token_id(s_open) not in ids
+    assert tok.token_id(fmt.docs_open) not in ids
+    # an unfinished answer block (cut at max tokens) still ends in the gold answer
+    cut = trace[: trace.rindex(fmt.answer_open)]
+    assert tok.decode(rewritten_without_search(cut, "Ostria", fmt, tok)).endswith(
+        f"{fmt.answer_open} Ostria{fmt.answer_close}"
+    )
