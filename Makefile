@@ -29,7 +29,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-# RL stages 1 and 2, R1-Searcher++ and the evaluation from the committed SFT checkpoint (~29 min);
+# RL stages 1 and 2, R1-Searcher++ and the evaluation from the committed SFT checkpoint (~42 min);
 # `searchagent train pipeline` without --sft-init trains the SFT from scratch first (~80 min)
 train: install
 	$(BIN)/searchagent train pipeline --sft-init $(DEMO)/sft --out $(DEMO)/train

@@ -632,14 +632,18 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--rl-plus-steps", type=POSITIVE, default=30, help="R1-Searcher++'s RL steps")
     pl.add_argument("--rl-mu", type=float, default=0.01, help="memorization loss weight")
     pl.add_argument("--rl-lr", type=float, default=1e-4, help="every RL stage's learning rate")
-    pl.add_argument("--eval-limit", type=POSITIVE, default=150, help="test questions per world")
+    pl.add_argument(
+        "--eval-limit",
+        type=POSITIVE,
+        help="score this many test questions per world, sampled (default: the whole test splits)",
+    )
     pl.add_argument("--results", type=Path, default=Path("RESULTS.md"), help="the report written")
     pl.add_argument("--plots", type=Path, default=Path("results"), help="directory of its PNGs")
     pl.add_argument(
         "--no-install",
         action="store_true",
         help="never install the final checkpoint as artifacts/demo/rl (what make serve serves; "
-        "a run with a smaller --eval-limit never does)",
+        "a run with --eval-limit never does)",
     )
     pl.set_defaults(func=_train_pipeline)
 

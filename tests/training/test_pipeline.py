@@ -22,6 +22,7 @@ from training.pipeline import (
     targets,
     write_results,
 )
+from training.world import read_jsonl
 
 
 def test_rl_logs_become_a_plot_and_a_results_table(tmp_path):
@@ -96,6 +97,10 @@ def test_evaluation_sets_are_sampled_across_types_and_famous_entities(tmp_path):
         assert len(rows) == 60 and (index / "index.json").is_file()
         assert {r["type"] for r in rows} == {"1hop", "2hop", "comparison"}
     assert sets[0][2] == eval_sets(PipelineConfig(demo=tmp_path, eval_limit=60))[0][2]
+    whole = eval_sets(PipelineConfig(demo=tmp_path))  # the default: every test question
+    assert [len(rows) for _, _, rows in whole[:2]] == [
+        len(read_jsonl(tmp_path / world / "test.jsonl")) for world in ("world", "world2")
+    ]
     world = json.loads((tmp_path / "world" / "world.json").read_text())
     famous = {e["name"] for e in world["entities"] if e["famous"]}
     assert sets[2][2] and all(r["entities"][0] in famous for r in sets[2][2])
@@ -210,5 +215,5 @@ def test_a_small_or_asked_off_run_never_installs_what_is_served():
     from training.pipeline import may_install
 
     assert may_install(PipelineConfig()) is None
-    assert "--eval-limit 3 is below 150" in may_install(PipelineConfig(eval_limit=3))
+    assert "--eval-limit 3 scores a sample" in may_install(PipelineConfig(eval_limit=3))
     assert may_install(PipelineConfig(install=False)) == "--no-install"
