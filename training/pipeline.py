@@ -63,9 +63,10 @@ class PipelineConfig:
     rl_plus_steps: int = 30
     rl_lr: float = 1e-4
     rl_generations: int = 8  # rollouts per question (the GRPO group)
-    # R1-Searcher++'s memorization weight. Its paper's 0.1 (a 7B model, lr 2e-6) collapsed the demo
-    # policy: the NLL of answers rewritten without search (3-4 nats on names it never saw) swamped
-    # the policy gradient, and it stopped searching (searches/q 1.7 -> 0.07, EM 0.33 -> 0.07).
+    # R1-Searcher++'s memorization weight. Its paper's 0.1 (a 7B model, lr 2e-6) spreads the
+    # recall habit to names the demo policy never saw: with the current target, whole demo test
+    # EM 0.765 against 0.841 at 0.01 and 0.828 at 0.003 (dev sample: 0.847 / 0.920 / 0.880;
+    # RESULTS.md). With an earlier target it stopped searching altogether (searches/q 0.07).
     rl_mu: float = 0.01
     # test questions per world: None scores the whole split (472 and 490). A 150-question sample's
     # EM has a standard error of ~3 points, a difference of two rows' ~4: more than the 2-point
