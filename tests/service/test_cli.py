@@ -255,7 +255,15 @@ def test_ctrl_c_during_eval_exits_130(demo_artifacts):
     data = str(demo_artifacts / "world" / "test.jsonl")
     cmd = [sys.executable, "-m", "service.cli", "eval", "--model", str(demo_artifacts / "sft"),
            "--index", str(demo_artifacts / "index"), "--data", data, "--limit", "200"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # a shell's background job (`make test &`) ignores SIGINT, and a child inherits that:
+    # restore the default so the CLI sees the Ctrl-C this test sends
+    def default_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     try:
         assert proc.stderr is not None
         seen = ""
