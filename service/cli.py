@@ -53,6 +53,7 @@ def _at_least(low: int):
 
 POSITIVE, NATURAL = _at_least(1), _at_least(0)
 DEMO_INDEX, DEMO_TRAIN = Path("artifacts/demo/index"), Path("artifacts/demo/world/train.jsonl")
+RL_DEFAULT_PATHS = {"index": DEMO_INDEX, "data": DEMO_TRAIN}  # train rl without --index/--data
 
 
 class _Parser(argparse.ArgumentParser):
@@ -317,7 +318,6 @@ def _train_sft(args: argparse.Namespace) -> None:
 
 def _train_rl(args: argparse.Namespace) -> None:
     import importlib.util
-    import os
     from dataclasses import replace
 
     from retrieval.index import IndexLoadError
@@ -345,14 +345,13 @@ def _train_rl(args: argparse.Namespace) -> None:
     else:
         if args.init is None or args.out is None:
             _fail("train rl needs --init and --out (or --config FILE)")
-        cfg = RLConfig(**{"index": DEMO_INDEX, "data": DEMO_TRAIN} | given, resume=args.resume)
+        cfg = RLConfig(**RL_DEFAULT_PATHS | given, resume=args.resume)
     checks = [("init", cfg.init / "config.json"), ("data", cfg.data)]
     if cfg.retriever_url is None:
         checks.append(("index", cfg.index or Path("(none)")))
-    defaults = {"data": DEMO_TRAIN, "index": DEMO_INDEX}
     for name, path in checks:
         if not path.exists():
-            hint = f" (the default: give --{name})" if path == defaults.get(name) else ""
+            hint = f" (the default: give --{name})" if path == RL_DEFAULT_PATHS.get(name) else ""
             _fail(f"{name}: {path} does not exist{hint}")
     _question_rows(cfg.data, None)
     try:

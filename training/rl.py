@@ -184,12 +184,12 @@ def _check_resume(cfg: RLConfig) -> bool:
     from retrieval.outputs import check_out_dir
 
     check_out_dir(cfg.out, ".trainer", "RL run")
-    last = last_checkpoint_step(cfg.out)
     if not cfg.resume:
         # a new run: an old run's checkpoint must not be resumed later as ours
         for old in (cfg.out / ".trainer").glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
             shutil.rmtree(old)
         return False
+    last = last_checkpoint_step(cfg.out)
     if last is None:
         print(
             f"no checkpoint under {cfg.out / '.trainer'}: training from the start", file=sys.stderr

@@ -249,8 +249,8 @@ def test_a_checkpoint_without_agent_json_is_evaluated_with_format(tmp_path, demo
 def test_ctrl_c_during_eval_exits_130(demo_artifacts):
     """Guards against SIGINT mid-evaluation aborting the process (SIGABRT, "terminate called
     without an active exception": the interpreter tore torch down under the engine's thread)."""
+    import re
     import signal
-    import time
 
     data = str(demo_artifacts / "world" / "test.jsonl")
     cmd = [sys.executable, "-m", "service.cli", "eval", "--model", str(demo_artifacts / "sft"),
@@ -267,10 +267,11 @@ def test_ctrl_c_during_eval_exits_130(demo_artifacts):
     try:
         assert proc.stderr is not None
         seen = ""
-        deadline = time.monotonic() + 90
-        while "eval agent" not in seen and time.monotonic() < deadline:
-            seen += proc.stderr.read(1)  # tqdm's bar: the model is loaded, the runs start
-        time.sleep(1.0)
+        # tqdm's bar has counted a finished question: the engine's thread is decoding the rest
+        while not re.search(r"eval agent:.*\| *[1-9]\d*/200", seen):
+            char = proc.stderr.read(1)
+            assert char, f"eval ended before it was interrupted: {seen[-2000:]}"
+            seen += char
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

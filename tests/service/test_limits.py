@@ -94,13 +94,17 @@ def test_a_client_that_leaves_the_queue_frees_its_place(demo_artifacts, serve_ap
                 assert (await anext(lines)).startswith("data: ")  # admitted and running
                 with pytest.raises(httpx.ReadTimeout):
                     await client.post("/v1/chat/completions", json=CHAT, timeout=0.5)
-                for _ in range(100):  # the abandoned request leaves the queue
-                    if gauge(url, "searchagent_requests_waiting") == 0:
-                        break
-                    await asyncio.sleep(0.02)
-                assert gauge(url, "searchagent_requests_waiting") == 0
+
+                async def waiting_reaches(n: int) -> None:
+                    for _ in range(250):
+                        if gauge(url, "searchagent_requests_waiting") == n:
+                            return
+                        await asyncio.sleep(0.02)
+                    assert gauge(url, "searchagent_requests_waiting") == n
+
+                await waiting_reaches(0)  # the abandoned request leaves the queue
                 queued = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-                await asyncio.sleep(0.3)
+                await waiting_reaches(1)
                 assert not queued.done()  # queued in the freed place, not refused
                 rest = [line async for line in lines if line]
             assert rest[-1] == "data: [DONE]"
