@@ -90,6 +90,9 @@ class RunParams:
 
 BUDGET_NOTICE = "search budget spent; answer with what you have"
 DEADLINE_ERROR = "request deadline exceeded"
+# the notices for a search the retriever could not answer: the backend's fault, not the query's
+RETRIEVAL_UNAVAILABLE = "retrieval unavailable"
+RETRIEVAL_TIMED_OUT = "retrieval timed out"
 
 _Stop = Literal["search", "answer", "documents", "eos", "length"]
 
@@ -289,10 +292,10 @@ class AgentLoop:
                     passages = (await self.retriever.search([query], p.top_k))[0]
             except TimeoutError:
                 past = asyncio.get_running_loop().time() >= deadline
-                error = DEADLINE_ERROR if past else "retrieval timed out"
+                error = DEADLINE_ERROR if past else RETRIEVAL_TIMED_OUT
             except RetrievalUnavailable as exc:  # the model reads a notice, the request goes on
                 log.warning("retrieval failed: %s", exc)
-                error = "retrieval unavailable"
+                error = RETRIEVAL_UNAVAILABLE
             if not passages and error is None:
                 error = "no results"
         traj.searches.append(SearchRecord(query, passages, error))

@@ -321,7 +321,7 @@ def _train_rl(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from retrieval.index import IndexLoadError
-    from training.rl import RLConfig, _read_rows, read_config, run_rl
+    from training.rl import RLConfig, RolloutError, _read_rows, read_config, run_rl
 
     # the setting flags default to None: given ones are known, the rest are RLConfig's defaults
     settings = {
@@ -363,6 +363,8 @@ def _train_rl(args: argparse.Namespace) -> None:
         report = run_rl(cfg)
     except IndexLoadError as exc:  # loaded first, before the model
         _fail(f"--index: {exc}")
+    except RolloutError as exc:
+        _fail(str(exc))
     print(json.dumps({k: v for k, v in report.items() if k != "log"}))
 
 
@@ -452,6 +454,7 @@ def _train_pipeline(args: argparse.Namespace) -> None:
     import os
 
     from training.pipeline import PipelineConfig, SettingsMismatch, run_pipeline
+    from training.rl import RolloutError
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.sft_init is not None and not (args.sft_init / "config.json").is_file():
@@ -475,7 +478,7 @@ def _train_pipeline(args: argparse.Namespace) -> None:
     )
     try:
         report = run_pipeline(cfg)
-    except SettingsMismatch as exc:  # an --out that holds another run's checkpoints
+    except (SettingsMismatch, RolloutError) as exc:  # SettingsMismatch: --out is another run's
         _fail(str(exc))
     print(json.dumps(report))
 

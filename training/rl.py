@@ -34,7 +34,7 @@ from typing import Any
 from agent.checkpoint import load_format, load_tokenizer
 from agent.engine import SamplingParams
 from agent.events import Finished
-from agent.loop import AgentLoop, Limits, RunParams
+from agent.loop import RETRIEVAL_TIMED_OUT, RETRIEVAL_UNAVAILABLE, AgentLoop, Limits, RunParams
 from agent.tags import TagFormat, get_format
 from agent.tokenizer import Tokenizer
 from training import rewards
@@ -43,6 +43,10 @@ from training.oracle import RECALL
 from training.sft import _jsonable, changed_settings, export_checkpoint
 
 STAGES = ("1", "2", "plus")
+
+
+class RolloutError(RuntimeError):
+    """Rollouts kept failing for a reason outside the policy (the retriever down); one line."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,10 @@ class RLConfig:
     vllm_extra: dict[str, Any] | None = None  # added to every completion request's body
     retriever_url: str | None = None  # search this retrieval server instead of `index`
     retriever_api: str = "searchagent"  # its request shape (retrieval.remote.APIS)
+    # a rollout batch in which a search found the retriever down or timing out is decoded again
+    # after 1, 2, 4, ... s, this many times; then the run stops (`RolloutError`), since a reward
+    # for answering without the documents would teach the policy to do without them
+    rollout_retries: int = 4
     format: str | None = None  # tag format preset when `init` has no agent.json
     per_device_batch: int | None = None  # None: prompts_per_step x num_generations
     gradient_accumulation_steps: int = 1
@@ -89,7 +97,14 @@ def run_rl(cfg: RLConfig) -> dict:
     resume = _check_resume(cfg)
     trainer = build_trainer(cfg)
     _record_run(cfg)
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    except RolloutError:
+        # the progress bar would repaint itself at exit, after the error: it goes first
+        for callback in trainer.callback_handler.callbacks:
+            if getattr(callback, "training_bar", None) is not None:
+                callback.training_bar.close()
+        raise
     model = trainer.accelerator.unwrap_model(trainer.model)
     export_checkpoint(model, cfg.out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -167,7 +182,7 @@ RUN_FILE = ".trainer/run.json"  # the settings of the run whose checkpoints `.tr
 
 
 # what a resume may change: how long it goes on, how often it saves, the sampling seed
-_RESUMABLE = ("resume", "out", "steps", "save_steps", "seed")
+_RESUMABLE = ("resume", "out", "steps", "save_steps", "seed", "rollout_retries")
 
 
 def _run_settings(cfg: RLConfig) -> dict:
@@ -231,6 +246,9 @@ def _step_row(h: dict) -> dict:
     return keep
 
 
+_RETRIEVER_FAULTS = (RETRIEVAL_UNAVAILABLE, RETRIEVAL_TIMED_OUT)
+
+
 class _Policy:
     """The rollout side: the agent loop over the live policy, and the rewards TRL calls."""
 
@@ -246,6 +264,7 @@ class _Policy:
         # the last rollouts' memorization rows: (prompt ids, rewritten completion ids)
         self.memorize: list[tuple[list[int], list[int]]] = []
         self._seed = cfg.seed * 1_000_003
+        self.retried = 0  # rollout batches decoded again because the retriever failed
         # one event loop for every rollout: the retriever (a dense index's micro-batcher) and
         # the engine's deliveries stay bound to the loop they first ran on
         self._events = asyncio.new_event_loop()
@@ -253,7 +272,30 @@ class _Policy:
     def rollout(self, prompts: list[str], trainer) -> dict[str, Any]:
         """TRL's `rollout_func`: one agent run per prompt (TRL already repeats each prompt
         `num_generations` times, consecutively). The policy decodes in this process, or on the
-        vLLM server of `cfg.vllm_url`, whose weights TRL has just synced."""
+        vLLM server of `cfg.vllm_url`, whose weights TRL has just synced. A batch in which the
+        retriever failed is decoded again (`cfg.rollout_retries`), never trained on."""
+        waits = [2**attempt for attempt in range(self.cfg.rollout_retries)]
+        for wait in [*waits, None]:
+            finished = self._decode(prompts, trainer)
+            failed = sum(
+                any(s.error in _RETRIEVER_FAULTS for s in f.trajectory.searches) for f in finished
+            )
+            if not failed:
+                break
+            where = self.cfg.retriever_url or self.cfg.index
+            said = f"retrieval from {where} failed in {failed} of {len(finished)} rollouts"
+            if wait is None:
+                raise RolloutError(
+                    f"{said}, {len(waits) + 1} times in a row; nothing was trained on them. Once "
+                    f"it answers, resume from the last checkpoint in {self.cfg.out} (train rl "
+                    "--resume; a pipeline run resumes by itself)"
+                )
+            self.retried += 1
+            print(f"{said}; decoding the batch again in {wait} s", file=sys.stderr)
+            time.sleep(wait)
+        return self._output(prompts, finished)
+
+    def _decode(self, prompts: list[str], trainer) -> list[Finished]:
         if self.loop is None:
             cfg = self.cfg
             limits = Limits(
@@ -261,17 +303,15 @@ class _Policy:
             )
             self.loop = AgentLoop(self._engine(trainer), self.retriever, self.fmt, limits)
         if self.cfg.vllm_url:
-            finished = self._events.run_until_complete(self._run_all(prompts))
-            return self._output(prompts, finished)
+            return self._events.run_until_complete(self._run_all(prompts))
         model = trainer.accelerator.unwrap_model(trainer.model)
         self.loop.engine.invalidate()  # type: ignore[attr-defined]
         was_training = model.training
         model.eval()
         try:
-            finished = self._events.run_until_complete(self._run_all(prompts))
+            return self._events.run_until_complete(self._run_all(prompts))
         finally:
             model.train(was_training)
-        return self._output(prompts, finished)
 
     def _engine(self, trainer):
         """The vLLM server's `OpenAIEngine`, or a `TransformersEngine` over the live policy."""

@@ -7,6 +7,7 @@ Also what a long run needs: the shipped configs load, and a stopped run resumes.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -153,3 +154,76 @@ def test_memorization_target_states_what_was_retrieved_as_known(demo_artifacts):
     assert tok.decode(rewritten_without_search(cut, "Ostria", fmt, tok)).endswith(
         f"{fmt.answer_open} Ostria{fmt.answer_close}"
     )
+
+
+def test_rollouts_wait_for_a_retriever_that_comes_back(demo_artifacts, demo_app, serve_app,
+                                                        free_port, tmp_path):  # fmt: skip
+    """Guards against a retrieval server's restart costing a long run: the rollouts that found
+    it down are decoded again once it answers, and none of them reaches the trainer with the
+    "retrieval unavailable" notice where the documents should be."""
+    import threading
+
+    from live_server import serving
+
+    from agent.checkpoint import load_format, load_tokenizer
+    from service.app import create_app
+    from service.settings import Settings
+
+    port = free_port()  # the retrieval server is not up yet
+    cfg = replace(
+        demo_config(demo_artifacts, tmp_path / "rl", temperature=0.0, rollout_retries=4),
+        index=None,
+        vllm_url=serve_app(demo_app),
+        vllm_model="demo",
+        vllm_extra={"agent": False},
+        retriever_url=f"http://127.0.0.1:{port}/retrieve",
+    )
+    fmt = load_format(cfg.init)
+    policy = _Policy(fmt, load_tokenizer(cfg.init, fmt), rollout_retriever(cfg), cfg, golds={})
+    question = json.loads(next(iter(cfg.data.open())))["question"]
+    got: dict = {}
+    worker = threading.Thread(target=lambda: got.update(policy.rollout([question] * 2, None)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while policy.retried == 0:  # the first batch found nothing listening
+        assert worker.is_alive() and time.monotonic() < deadline, "no retry happened"
+        time.sleep(0.05)
+    with serving(create_app(Settings(index=demo_artifacts / "index")), port):
+        worker.join(timeout=60)
+    assert not worker.is_alive() and got, "the rollout did not finish once retrieval was back"
+    assert 1 <= policy.retried <= 3
+    docs_open = policy.tokenizer.token_id(policy.fmt.docs_open)
+    for ids in got["completion_ids"]:
+        assert docs_open in ids
+        assert "retrieval unavailable" not in policy.tokenizer.decode(ids)
+
+
+def test_rl_stops_when_the_retriever_stays_down(demo_artifacts, free_port, tmp_path):
+    """Guards against training on rollouts that never saw a document: with the retrieval server
+    gone for good, `train rl` stops with one line saying so and how to resume, and exports no
+    checkpoint."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "rl"
+    config = tmp_path / "rl.json"
+    config.write_text(json.dumps({
+        "init": str(demo_artifacts / "sft"), "out": str(out),
+        "data": str(demo_artifacts / "world" / "train.jsonl"), "stage": "2", "steps": 2,
+        "prompts_per_step": 2, "num_generations": 2, "max_tokens": 48, "rollout_retries": 1,
+        "retriever_url": f"http://127.0.0.1:{free_port()}/retrieve",
+    }))  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", "rl", "--config", str(config)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert "failed in 4 of 4 rollouts; decoding the batch again in 1 s" in done.stderr
+    assert lines[-1].startswith(
+        f"searchagent: retrieval from {json.loads(config.read_text())['retriever_url']} failed "
+        "in 4 of 4 rollouts, 2 times in a row; nothing was trained on them."
+    ), lines[-1]
+    assert f"resume from the last checkpoint in {out}" in lines[-1]
+    assert not (out / "model.safetensors").exists()
