@@ -51,7 +51,8 @@ class Answer:
 class SearchRecord:
     query: str
     passages: list[Passage]
-    error: str | None = None
+    error: str | None = None  # the notice the model read instead of documents
+    cause: str | None = None  # why the retriever failed (for logs, never shown to the model)
 
 
 @dataclass

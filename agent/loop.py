@@ -277,6 +277,7 @@ class AgentLoop:
         assert p.max_searches is not None and p.top_k is not None
         passages: list[Passage] = []
         error: str | None = None
+        cause: str | None = None
         if usage.searches >= p.max_searches:
             error = BUDGET_NOTICE
         elif not query:
@@ -293,12 +294,13 @@ class AgentLoop:
             except TimeoutError:
                 past = asyncio.get_running_loop().time() >= deadline
                 error = DEADLINE_ERROR if past else RETRIEVAL_TIMED_OUT
+                cause = f"no reply within {timeout:.1f} s"
             except RetrievalUnavailable as exc:  # the model reads a notice, the request goes on
                 log.warning("retrieval failed: %s", exc)
-                error = RETRIEVAL_UNAVAILABLE
+                error, cause = RETRIEVAL_UNAVAILABLE, str(exc)
             if not passages and error is None:
                 error = "no results"
-        traj.searches.append(SearchRecord(query, passages, error))
+        traj.searches.append(SearchRecord(query, passages, error, cause))
         body = f" {error}" if error else self.fmt.render_documents(passages)
         ids = self._docs_before + self._tok.encode_untrusted(body) + self._docs_after
         usage.retrieved_tokens += len(ids)

@@ -80,10 +80,10 @@ class RLConfig:
     vllm_extra: dict[str, Any] | None = None  # added to every completion request's body
     retriever_url: str | None = None  # search this retrieval server instead of `index`
     retriever_api: str = "searchagent"  # its request shape (retrieval.remote.APIS)
-    # a rollout batch in which a search found the retriever down or timing out is decoded again
-    # after 1, 2, 4, ... s, this many times; then the run stops (`RolloutError`), since a reward
-    # for answering without the documents would teach the policy to do without them
-    rollout_retries: int = 4
+    # a rollout whose search found the retriever failing (down, erring, timing out) is decoded
+    # again after waits of 1, 2, 4, ... 30 s that add up to at most this; then the run stops
+    # (`RolloutError`): a reward for answering without documents teaches doing without them
+    retrieval_patience_s: float = 300.0
     format: str | None = None  # tag format preset when `init` has no agent.json
     per_device_batch: int | None = None  # None: prompts_per_step x num_generations
     gradient_accumulation_steps: int = 1
@@ -125,6 +125,9 @@ def build_trainer(cfg: RLConfig):
     """The GRPO trainer for `cfg`, its rollouts from our agent loop (not yet trained)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown RL stage {cfg.stage!r}; known: {list(STAGES)}")
+    patience = cfg.retrieval_patience_s
+    if isinstance(patience, bool) or not isinstance(patience, int | float) or patience < 0:
+        raise ValueError(f"retrieval_patience_s must be seconds >= 0, not {patience!r}")
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -182,7 +185,7 @@ RUN_FILE = ".trainer/run.json"  # the settings of the run whose checkpoints `.tr
 
 
 # what a resume may change: how long it goes on, how often it saves, the sampling seed
-_RESUMABLE = ("resume", "out", "steps", "save_steps", "seed", "rollout_retries")
+_RESUMABLE = ("resume", "out", "steps", "save_steps", "seed", "retrieval_patience_s")
 
 
 def _run_settings(cfg: RLConfig) -> dict:
@@ -249,6 +252,23 @@ def _step_row(h: dict) -> dict:
 _RETRIEVER_FAULTS = (RETRIEVAL_UNAVAILABLE, RETRIEVAL_TIMED_OUT)
 
 
+def _retriever_fault(finished: Finished) -> str | None:
+    """Why the retriever failed one of this rollout's searches, or None if it never did."""
+    for search in finished.trajectory.searches:
+        if search.error in _RETRIEVER_FAULTS:
+            return search.cause or search.error
+    return None
+
+
+def _most_on_any_process(trainer, count: int) -> int:
+    """The largest `count` over the training processes (this one's alone without a trainer)."""
+    if trainer is None or trainer.accelerator.num_processes == 1:
+        return count
+    from accelerate.utils import gather_object
+
+    return max(gather_object([count]))
+
+
 class _Policy:
     """The rollout side: the agent loop over the live policy, and the rewards TRL calls."""
 
@@ -264,7 +284,7 @@ class _Policy:
         # the last rollouts' memorization rows: (prompt ids, rewritten completion ids)
         self.memorize: list[tuple[list[int], list[int]]] = []
         self._seed = cfg.seed * 1_000_003
-        self.retried = 0  # rollout batches decoded again because the retriever failed
+        self.retried = 0  # times failed rollouts were decoded again (the retriever failed)
         # one event loop for every rollout: the retriever (a dense index's micro-batcher) and
         # the engine's deliveries stay bound to the loop they first ran on
         self._events = asyncio.new_event_loop()
@@ -272,28 +292,34 @@ class _Policy:
     def rollout(self, prompts: list[str], trainer) -> dict[str, Any]:
         """TRL's `rollout_func`: one agent run per prompt (TRL already repeats each prompt
         `num_generations` times, consecutively). The policy decodes in this process, or on the
-        vLLM server of `cfg.vllm_url`, whose weights TRL has just synced. A batch in which the
-        retriever failed is decoded again (`cfg.rollout_retries`), never trained on."""
-        waits = [2**attempt for attempt in range(self.cfg.rollout_retries)]
-        for wait in [*waits, None]:
-            finished = self._decode(prompts, trainer)
-            failed = sum(
-                any(s.error in _RETRIEVER_FAULTS for s in f.trajectory.searches) for f in finished
-            )
-            if not failed:
-                break
+        vLLM server of `cfg.vllm_url`, whose weights TRL has just synced. A rollout in which the
+        retriever failed is decoded again (`cfg.retrieval_patience_s`), never trained on."""
+        finished = self._decode(prompts, trainer)
+        start, slept, wait = time.monotonic(), 0.0, 1.0
+        while True:
+            failed = [i for i, f in enumerate(finished) if _retriever_fault(f)]
+            # every process decides alike: one that stopped alone would leave the rest waiting
+            # in the trainer's next gather
+            worst = _most_on_any_process(trainer, len(failed))
+            if worst == 0:
+                return self._output(prompts, finished)
             where = self.cfg.retriever_url or self.cfg.index
-            said = f"retrieval from {where} failed in {failed} of {len(finished)} rollouts"
-            if wait is None:
+            said = f"retrieval from {where} failed in {worst} of {len(finished)} rollouts"
+            cause = next((_retriever_fault(finished[i]) for i in failed), None)
+            if slept + wait > self.cfg.retrieval_patience_s:
                 raise RolloutError(
-                    f"{said}, {len(waits) + 1} times in a row; nothing was trained on them. Once "
-                    f"it answers, resume from the last checkpoint in {self.cfg.out} (train rl "
-                    "--resume; a pipeline run resumes by itself)"
+                    f"{said} ({cause}) for {time.monotonic() - start:.0f} s; nothing was "
+                    f"trained on them. Once it answers, resume from the last checkpoint in "
+                    f"{self.cfg.out} (train rl --resume; a pipeline run resumes by itself)"
                 )
             self.retried += 1
-            print(f"{said}; decoding the batch again in {wait} s", file=sys.stderr)
+            if trainer is None or trainer.accelerator.is_main_process:
+                print(f"{said} ({cause}); decoding them again in {wait:.0f} s", file=sys.stderr)
             time.sleep(wait)
-        return self._output(prompts, finished)
+            slept, wait = slept + wait, min(2 * wait, 30.0)
+            again = self._decode([prompts[i] for i in failed], trainer) if failed else []
+            for i, f in zip(failed, again, strict=True):
+                finished[i] = f
 
     def _decode(self, prompts: list[str], trainer) -> list[Finished]:
         if self.loop is None:
