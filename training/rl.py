@@ -297,15 +297,15 @@ class _Policy:
         finished = self._decode(prompts, trainer)
         start, slept, wait = time.monotonic(), 0.0, 1.0
         while True:
-            failed = [i for i, f in enumerate(finished) if _retriever_fault(f)]
+            faults = {i: c for i, f in enumerate(finished) if (c := _retriever_fault(f))}
             # every process decides alike: one that stopped alone would leave the rest waiting
             # in the trainer's next gather
-            worst = _most_on_any_process(trainer, len(failed))
+            worst = _most_on_any_process(trainer, len(faults))
             if worst == 0:
                 return self._output(prompts, finished)
             where = self.cfg.retriever_url or self.cfg.index
             said = f"retrieval from {where} failed in {worst} of {len(finished)} rollouts"
-            cause = next((_retriever_fault(finished[i]) for i in failed), None)
+            cause = next(iter(faults.values()), "on another process")
             if slept + wait > self.cfg.retrieval_patience_s:
                 raise RolloutError(
                     f"{said} ({cause}) for {time.monotonic() - start:.0f} s; nothing was "
@@ -317,6 +317,7 @@ class _Policy:
                 print(f"{said} ({cause}); decoding them again in {wait:.0f} s", file=sys.stderr)
             time.sleep(wait)
             slept, wait = slept + wait, min(2 * wait, 30.0)
+            failed = list(faults)
             again = self._decode([prompts[i] for i in failed], trainer) if failed else []
             for i, f in zip(failed, again, strict=True):
                 finished[i] = f
