@@ -34,7 +34,14 @@ from typing import Any
 from agent.checkpoint import load_format, load_tokenizer
 from agent.engine import SamplingParams
 from agent.events import Finished
-from agent.loop import RETRIEVAL_TIMED_OUT, RETRIEVAL_UNAVAILABLE, AgentLoop, Limits, RunParams
+from agent.loop import (
+    DEADLINE_ERROR,
+    RETRIEVAL_TIMED_OUT,
+    RETRIEVAL_UNAVAILABLE,
+    AgentLoop,
+    Limits,
+    RunParams,
+)
 from agent.tags import TagFormat, get_format
 from agent.tokenizer import Tokenizer
 from training import rewards
@@ -80,10 +87,12 @@ class RLConfig:
     vllm_extra: dict[str, Any] | None = None  # added to every completion request's body
     retriever_url: str | None = None  # search this retrieval server instead of `index`
     retriever_api: str = "searchagent"  # its request shape (retrieval.remote.APIS)
-    # a rollout whose search found the retriever failing (down, erring, timing out) is decoded
-    # again after waits of 1, 2, 4, ... 30 s that add up to at most this; then the run stops
-    # (`RolloutError`): a reward for answering without documents teaches doing without them
+    # a rollout whose search found the retriever failing (down, erring, timing out), or that its
+    # deadline cut, is decoded again after waits of 1, 2, 4, ... 30 s that add up to at most
+    # this; then the run stops (`RolloutError`): a reward for answering without documents
+    # teaches doing without them
     retrieval_patience_s: float = 300.0
+    rollout_deadline_s: float = 300.0  # one rollout's wall clock (the loop's request deadline)
     format: str | None = None  # tag format preset when `init` has no agent.json
     per_device_batch: int | None = None  # None: prompts_per_step x num_generations
     gradient_accumulation_steps: int = 1
@@ -125,9 +134,11 @@ def build_trainer(cfg: RLConfig):
     """The GRPO trainer for `cfg`, its rollouts from our agent loop (not yet trained)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown RL stage {cfg.stage!r}; known: {list(STAGES)}")
-    patience = cfg.retrieval_patience_s
-    if isinstance(patience, bool) or not isinstance(patience, int | float) or patience < 0:
-        raise ValueError(f"retrieval_patience_s must be seconds >= 0, not {patience!r}")
+    for name, least in (("retrieval_patience_s", 0), ("rollout_deadline_s", 1e-3)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= least:
+            raise ValueError(f"{name} must be seconds {'>= 0' if least == 0 else '> 0'}, "
+                             f"not {value!r}")  # fmt: skip
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -185,7 +196,9 @@ RUN_FILE = ".trainer/run.json"  # the settings of the run whose checkpoints `.tr
 
 
 # what a resume may change: how long it goes on, how often it saves, the sampling seed
-_RESUMABLE = ("resume", "out", "steps", "save_steps", "seed", "retrieval_patience_s")
+_RESUMABLE = (
+    "resume", "out", "steps", "save_steps", "seed", "retrieval_patience_s", "rollout_deadline_s"
+)  # fmt: skip
 
 
 def _run_settings(cfg: RLConfig) -> dict:
@@ -252,11 +265,17 @@ def _step_row(h: dict) -> dict:
 _RETRIEVER_FAULTS = (RETRIEVAL_UNAVAILABLE, RETRIEVAL_TIMED_OUT)
 
 
-def _retriever_fault(finished: Finished) -> str | None:
-    """Why the retriever failed one of this rollout's searches, or None if it never did."""
-    for search in finished.trajectory.searches:
+def _fault(finished: Finished) -> tuple[str, str] | None:
+    """Why this rollout says nothing about the policy, as (what failed, its own words): the
+    retriever failed one of its searches, or the rollout's wall-clock deadline cut it (a slow
+    retriever or engine, not the policy: its length is bounded by `max_tokens`). None if neither."""
+    traj = finished.trajectory
+    for search in traj.searches:
         if search.error in _RETRIEVER_FAULTS:
-            return search.cause or search.error
+            return "retrieval", search.cause or search.error
+    if traj.error == DEADLINE_ERROR:
+        searching = bool(traj.searches) and traj.searches[-1].error == DEADLINE_ERROR
+        return "deadline", "cut while searching" if searching else "cut while decoding"
     return None
 
 
@@ -284,7 +303,7 @@ class _Policy:
         # the last rollouts' memorization rows: (prompt ids, rewritten completion ids)
         self.memorize: list[tuple[list[int], list[int]]] = []
         self._seed = cfg.seed * 1_000_003
-        self.retried = 0  # times failed rollouts were decoded again (the retriever failed)
+        self.retried = 0  # times failed rollouts were decoded again (retriever or deadline)
         # one event loop for every rollout: the retriever (a dense index's micro-batcher) and
         # the engine's deliveries stay bound to the loop they first ran on
         self._events = asyncio.new_event_loop()
@@ -293,23 +312,29 @@ class _Policy:
         """TRL's `rollout_func`: one agent run per prompt (TRL already repeats each prompt
         `num_generations` times, consecutively). The policy decodes in this process, or on the
         vLLM server of `cfg.vllm_url`, whose weights TRL has just synced. A rollout in which the
-        retriever failed is decoded again (`cfg.retrieval_patience_s`), never trained on."""
+        retriever failed, or that its deadline cut, is decoded again
+        (`cfg.retrieval_patience_s`), never trained on."""
         finished = self._decode(prompts, trainer)
         start, slept, wait = time.monotonic(), 0.0, 1.0
         while True:
-            faults = {i: c for i, f in enumerate(finished) if (c := _retriever_fault(f))}
+            faults = {i: c for i, f in enumerate(finished) if (c := _fault(f))}
             # every process decides alike: one that stopped alone would leave the rest waiting
             # in the trainer's next gather
             worst = _most_on_any_process(trainer, len(faults))
             if worst == 0:
                 return self._output(prompts, finished)
-            where = self.cfg.retriever_url or self.cfg.index
-            said = f"retrieval from {where} failed in {worst} of {len(finished)} rollouts"
-            cause = next(iter(faults.values()), "on another process")
+            kind, cause = next(iter(faults.values()), ("retrieval", "on another process"))
+            if kind == "retrieval":
+                where = self.cfg.retriever_url or self.cfg.index
+                said = f"retrieval from {where} failed in {worst} of {len(finished)} rollouts"
+            else:
+                assert self.loop is not None  # `_decode` made it
+                deadline = self.loop.limits.deadline_s
+                said = f"{worst} of {len(finished)} rollouts ran past their {deadline:g} s deadline"
             if slept + wait > self.cfg.retrieval_patience_s:
                 raise RolloutError(
                     f"{said} ({cause}) for {time.monotonic() - start:.0f} s; nothing was "
-                    f"trained on them. Once it answers, resume from the last checkpoint in "
+                    f"trained on them. Once that is fixed, resume from the last checkpoint in "
                     f"{self.cfg.out} (train rl --resume; a pipeline run resumes by itself)"
                 )
             self.retried += 1
@@ -326,7 +351,10 @@ class _Policy:
         if self.loop is None:
             cfg = self.cfg
             limits = Limits(
-                max_searches=cfg.max_searches, max_tokens=cfg.max_tokens, top_k=cfg.top_k
+                max_searches=cfg.max_searches,
+                max_tokens=cfg.max_tokens,
+                top_k=cfg.top_k,
+                deadline_s=cfg.rollout_deadline_s,
             )
             self.loop = AgentLoop(self._engine(trainer), self.retriever, self.fmt, limits)
         if self.cfg.vllm_url:

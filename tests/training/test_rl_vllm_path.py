@@ -245,3 +245,49 @@ def test_rl_stops_when_the_retriever_stays_down_and_resumes_once_it_is_back(
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout.splitlines()[-1])["steps"] == 2
     assert (out / "model.safetensors").exists()
+
+
+def test_rollouts_cut_by_their_deadline_are_never_trained_on(
+    demo_artifacts, demo_app, serve_app, tmp_path, capsys
+):
+    """Guards against training on a rollout that a slow retriever let run out of time: its
+    search's documents block holds a deadline notice, not passages, and rewarding the answer that
+    followed would teach answering without documents. Such rollouts are decoded again, and the
+    run stops with one line saying what happened."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from agent.checkpoint import load_format, load_tokenizer
+    from training.rl import RolloutError
+
+    async def slow(request):
+        await asyncio.sleep(4)  # longer than the rollouts' 2 s
+        return JSONResponse({"results": []})
+
+    slow_url = serve_app(Starlette(routes=[Route("/retrieve", slow, methods=["POST"])]))
+    cfg = replace(
+        demo_config(demo_artifacts, tmp_path / "rl", temperature=0.0),
+        index=None,
+        vllm_url=serve_app(demo_app),
+        vllm_model="demo",
+        vllm_extra={"agent": False},
+        retriever_url=f"{slow_url}/retrieve",
+        rollout_deadline_s=2,
+        retrieval_patience_s=1,
+    )
+    fmt = load_format(cfg.init)
+    policy = _Policy(fmt, load_tokenizer(cfg.init, fmt), rollout_retriever(cfg), cfg, golds={})
+    question = json.loads(next(iter(cfg.data.open())))["question"]
+    said = r"[12] of 2 rollouts ran past their 2 s deadline \(cut while (searching|decoding)\)"
+    with pytest.raises(RolloutError, match=said + r" for \d+ s; nothing was trained on them"):
+        policy.rollout([question] * 2, None)
+    assert re.search(said + "; decoding them again in 1 s", capsys.readouterr().err)
+    assert policy.retried == 1
+    policy._events.run_until_complete(policy.retriever.aclose())
+    policy._events.run_until_complete(policy.loop.engine.aclose())
+    policy._events.close()
+    with pytest.raises(ValueError, match="rollout_deadline_s must be seconds > 0, not 0"):
+        build_trainer(replace(cfg, rollout_deadline_s=0))
