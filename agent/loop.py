@@ -309,11 +309,18 @@ class AgentLoop:
         return Documents(query, passages, self._tok.decode(ids), ids, error)
 
     def _answer(self, text: str) -> str | None:
-        """Text inside the last answer tags, else the text after the last documents block."""
-        start = text.rfind(self.fmt.answer_open)
+        """Text inside the last answer tags; else the model's final free text: what follows the
+        last documents block, thought or query (a checkpoint that answers without tags), or the
+        whole text if it wrote no tag. None when it ends inside a thought or a query (cut by its
+        token budget): its unfinished reasoning is no answer."""
+        fmt = self.fmt
+        start = text.rfind(fmt.answer_open)
         if start >= 0:
-            body = text[start + len(self.fmt.answer_open) :]
-            return body.split(self.fmt.answer_close)[0].strip()
-        end = text.rfind(self.fmt.docs_close)
-        tail = text[end + len(self.fmt.docs_close) :] if end >= 0 else text
-        return tail.replace(self._tok.eos_token, "").strip() or None
+            body = text[start + len(fmt.answer_open) :]
+            return body.split(fmt.answer_close)[0].strip()
+        tags = (fmt.docs_close, fmt.think_close, fmt.search_close, fmt.think_open, fmt.search_open)
+        found = [(at + len(tag), tag) for tag in tags if tag and (at := text.rfind(tag)) >= 0]
+        end, last = max(found, default=(0, ""))
+        if last in (fmt.think_open, fmt.search_open):
+            return None
+        return text[end:].replace(self._tok.eos_token, "").strip() or None

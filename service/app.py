@@ -80,7 +80,8 @@ def create_app(settings: Settings) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            # any header, as vLLM: OpenAI's SDKs send their own (openai-node's X-Stainless-*)
+            allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestLog, metrics=metrics, routes=paths)

@@ -78,15 +78,19 @@ class RunState:
     _sent: int = 0  # how much of `_answer` went out
     _answer_open: bool = False  # trace_mode content: the answer-open tag went out
     _final_sent: bool = False
+    generated: int = 0  # model-sampled tokens so far (the usage of a run that never finished)
+    retrieved: int = 0  # injected document tokens so far
 
     def add(self, event: AgentEvent) -> Delta | None:
         """Record an event; the delta to stream for it, if any."""
         if isinstance(event, Token):
+            self.generated += len(event.ids)
             if event.channel == "answer":
                 text = self._answer_text(event.text)
                 return Delta(content=text) if text else None
             return self._trace_text(event.text)
         if isinstance(event, Documents):
+            self.retrieved += len(event.ids)
             passages = [TracePassage(id=p.id, title=p.title, score=p.score) for p in event.passages]
             self.trace.append(TraceSearch(query=event.query, passages=passages, error=event.error))
             return self._trace_text(event.text)
@@ -390,8 +394,8 @@ async def collect(
                 state.add(event)
     finally:
         ctx.metrics.running.dec()
+        _count(ctx.metrics, state, len(prompt_ids))
     assert state.finished is not None
-    _count(ctx.metrics, state)
     return state
 
 
@@ -421,8 +425,8 @@ async def run_deltas(
                     yield delta
     finally:
         ctx.metrics.running.dec()
+        _count(ctx.metrics, state, len(prompt_ids))
     assert state.finished is not None
-    _count(ctx.metrics, state)
 
 
 async def sse(frames: AsyncIterator[str], metrics: Metrics) -> AsyncIterator[str]:
@@ -544,10 +548,16 @@ async def merge(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _count(metrics: Metrics, state: RunState) -> None:
-    assert state.finished is not None
-    u = state.finished.usage
-    metrics.searches.observe(u.searches)
-    metrics.prompt_tokens.inc(u.prompt_tokens)
-    metrics.generated_tokens.inc(u.completion_tokens)
-    metrics.retrieved_tokens.inc(u.retrieved_tokens)
+def _count(metrics: Metrics, state: RunState, prompt_tokens: int) -> None:
+    """The run's work, finished or not: a run the client left, or that failed, still spent the
+    engine's time on what it prefilled and sampled (the plain-decoding path counts alike)."""
+    if state.finished is not None:
+        u = state.finished.usage
+        searches, generated, retrieved = u.searches, u.completion_tokens, u.retrieved_tokens
+        prompt_tokens = u.prompt_tokens
+    else:
+        searches, generated, retrieved = len(state.trace), state.generated, state.retrieved
+    metrics.searches.observe(searches)
+    metrics.prompt_tokens.inc(prompt_tokens)
+    metrics.generated_tokens.inc(generated)
+    metrics.retrieved_tokens.inc(retrieved)

@@ -133,7 +133,9 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     type_ = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-    return _response(exc.status_code, error_body(str(exc.detail), type_))
+    response = _response(exc.status_code, error_body(str(exc.detail), type_))
+    response.headers.update(exc.headers or {})  # a 405's Allow, which RFC 9110 requires
+    return response
 
 
 async def _engine_error(_: Request, exc: Exception) -> JSONResponse:

@@ -83,6 +83,9 @@ class ApiRequest(BaseModel):
         where = _first_unencodable(self, "")
         if where is not None:
             raise FieldError(where, f"{where} is not valid Unicode text (an unpaired surrogate)")
+        # OpenAI and vLLM refuse it too: usage options for a stream that will not be sent
+        if getattr(self, "stream_options", None) is not None and not getattr(self, "stream", True):
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
 

@@ -129,6 +129,27 @@ def test_max_tokens_limit_finishes_with_length(tokenizer, retriever):
     assert events[-1].usage.completion_tokens == 5
 
 
+def test_answer_without_answer_tags_is_the_final_free_text_never_reasoning(tokenizer, retriever):
+    """Guards against unfinished reasoning served as the answer: a run cut inside a thought or a
+    query (its token budget) has no answer, while a checkpoint that answers without answer tags
+    gets the free text after its last documents block or thought."""
+    eos = tokenizer.decode([tokenizer.eos_id])
+
+    def answer(*texts: str, max_tokens: int | None = None) -> str | None:
+        engine = ScriptedEngine(tokenizer, script(tokenizer, *texts))
+        params = RunParams(SamplingParams(), max_tokens=max_tokens)
+        events = run(AgentLoop(engine, retriever, DEFAULT), "Where was Gal Borin born?", params)
+        return events[-1].trajectory.answer
+
+    assert answer(ROUND1, ROUND2, max_tokens=5) is None  # "<think> I need the birth…"
+    assert answer(ROUND1, ROUND2, max_tokens=len(tokenizer.encode(ROUND1)) - 2) is None  # a query
+    assert answer(ROUND1, "<think> Gal Borin was born in Vel", max_tokens=30) is None
+    assert answer(ROUND1, f"<think> It says Velmora.</think> Velmora{eos}") == "Velmora"
+    assert answer(ROUND1, f" Velmora{eos}") == "Velmora"  # right after the documents
+    assert answer(f"Velmora{eos}") == "Velmora"  # no tag at all
+    assert answer(ROUND1, f"<think> It says Velmora.</think>{eos}") is None
+
+
 def test_request_cannot_exceed_server_maxima():
     """Guards against a request raising its own limits above the server's."""
     limits = Limits(max_searches=2, max_tokens=100, top_k=3)

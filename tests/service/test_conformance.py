@@ -369,6 +369,13 @@ ERROR_CASES = {
     "retrieve_blank_query": ("POST", "/retrieve", {"queries": ["  "]}, 400),
     "unknown_route": ("GET", "/v1/nothing-here", None, 404),
     "wrong_method": ("GET", "/v1/chat/completions", None, 405),
+    "stream_options_without_stream": (
+        "POST", "/v1/chat/completions", chat(stream_options={"include_usage": True}), 400
+    ),
+    "completion_stream_options_without_stream": (
+        "POST", "/v1/completions",
+        {"model": "demo", "prompt": "born", "stream_options": {"include_usage": True}}, 400,
+    ),
 }  # fmt: skip
 
 
@@ -386,6 +393,10 @@ def test_error_bodies_conform(spec, base_url, case):
     assert raw["error"]["message"] and raw["error"]["type"] == "invalid_request_error"
     if case.startswith(("prompt_too_long", "completion_prompt_too_long")):
         assert raw["error"]["code"] == "context_length_exceeded"
+    if case == "wrong_method":  # RFC 9110: a 405 says what the resource allows
+        assert r.headers["allow"] == "POST"
+    if "stream_options" in case:
+        assert raw["error"]["param"] == "stream_options"
 
 
 def test_unparsable_body_names_no_param(base_url):

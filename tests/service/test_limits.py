@@ -194,7 +194,8 @@ def test_cors_allows_configured_origins_only(demo_artifacts, serve_app):
     url = serve_app(create_app(settings))
     preflight = {
         "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type",
+        # openai-node sends its X-Stainless-* headers on every request, browsers included
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os",
     }
     ok = httpx.options(
         f"{url}/v1/chat/completions", headers={"Origin": "http://ui.example", **preflight}

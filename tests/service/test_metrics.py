@@ -93,6 +93,7 @@ def test_client_disconnect_frees_the_request_and_the_engine(demo_app, url):
     with this request when the client leaves, and stays busy unless the disconnect reaches it;
     short segments would end on their own and hide an engine that ignores cancellation."""
     engine = demo_app.state.chat.loop.engine
+    before = scrape(url)
     body = chat_body(stream=True, max_tokens=400, temperature=2.0, seed=8)
     with httpx.Client(timeout=30) as client, client.stream("POST", f"{url}{CHAT}", json=body) as r:
         assert r.status_code == 200
@@ -126,3 +127,12 @@ def test_client_disconnect_frees_the_request_and_the_engine(demo_app, url):
     steps = engine.stats.decode_steps
     time.sleep(0.3)
     assert engine.stats.decode_steps == steps, "the engine kept decoding after the disconnect"
+    # the work done before the client left is counted, as a finished run's would be
+    after = scrape(url)
+
+    def added(name: str) -> float:
+        return sample(after, name) - sample(before, name)
+
+    assert added("searchagent_generation_tokens_total") >= 5  # at least the 5 frames read
+    assert added("searchagent_prompt_tokens_total") > 0
+    assert added("searchagent_searches_per_request_count") == 1
