@@ -78,6 +78,7 @@ class RunState:
     _sent: int = 0  # how much of `_answer` went out
     _answer_open: bool = False  # trace_mode content: the answer-open tag went out
     _final_sent: bool = False
+    index: int = 0  # the choice this run answers
     generated: int = 0  # model-sampled tokens so far (the usage of a run that never finished)
     retrieved: int = 0  # injected document tokens so far
 
@@ -92,7 +93,11 @@ class RunState:
         if isinstance(event, Documents):
             self.retrieved += len(event.ids)
             passages = [TracePassage(id=p.id, title=p.title, score=p.score) for p in event.passages]
-            self.trace.append(TraceSearch(query=event.query, passages=passages, error=event.error))
+            self.trace.append(
+                TraceSearch(
+                    query=event.query, passages=passages, error=event.error, index=self.index
+                )
+            )
             return self._trace_text(event.text)
         if isinstance(event, Finished):
             self.finished = event
@@ -246,9 +251,10 @@ class ChatRun:
     trace_mode: TraceMode
     stops: tuple[str, ...]
 
-    def new_state(self, ctx: ChatContext) -> RunState:
+    def new_state(self, ctx: ChatContext, index: int = 0) -> RunState:
         fmt = ctx.loop.fmt
-        return RunState(self.trace_mode, self.stops, (fmt.answer_open, fmt.answer_close))
+        tags = (fmt.answer_open, fmt.answer_close)
+        return RunState(self.trace_mode, self.stops, tags, index=index)
 
     def params_for(self, index: int) -> RunParams:
         """Choice `index`'s parameters: with a seed, each choice gets its own (seed + index)."""
@@ -452,7 +458,7 @@ async def sse(frames: AsyncIterator[str], metrics: Metrics) -> AsyncIterator[str
 
 async def complete(ctx: ChatContext, req: ChatCompletionRequest) -> ChatCompletionResponse:
     run = prepare(ctx, req)
-    states = [run.new_state(ctx) for _ in range(run.n)]
+    states = [run.new_state(ctx, i) for i in range(run.n)]
     try:
         async with asyncio.TaskGroup() as group:  # one run failing cancels the others
             for i, state in enumerate(states):
@@ -487,7 +493,7 @@ async def _chat_frames(
     ctx: ChatContext, req: ChatCompletionRequest, run: ChatRun
 ) -> AsyncIterator[str]:
     frames = ChunkFrames(completion_id(), now(), ctx.model_id)
-    states = [run.new_state(ctx) for _ in range(run.n)]
+    states = [run.new_state(ctx, i) for i in range(run.n)]
     for i in range(run.n):
         yield frames.chunk([StreamChoice(index=i, delta=Delta(role="assistant", content=""))])
     runs = [_choice_frames(ctx, run, i, state, frames) for i, state in enumerate(states)]

@@ -256,6 +256,7 @@ class TraceSearch(BaseModel):
     query: str
     passages: list[TracePassage]
     error: str | None = None
+    index: int = 0  # the choice whose run searched (n > 1 lists every choice's searches)
 
 
 class AssistantMessage(BaseModel):

@@ -71,12 +71,17 @@ def test_n_choices_are_separate_runs(url):
     assert body["usage"]["completion_tokens"] == 2 * single["usage"]["completion_tokens"]
     assert body["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
     assert body["usage"]["searches"] == 2 * single["usage"]["searches"]
+    # each search names the choice whose run made it
+    per_choice = [[s["query"] for s in body["search_trace"] if s["index"] == i] for i in (0, 1)]
+    assert per_choice == [[s["query"] for s in single["search_trace"]]] * 2
     chunks = stream_chunks(url, n=2, max_tokens=96)
     for i in (0, 1):
         mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
         assert mine[0]["delta"]["role"] == "assistant"
         assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop"]
         assert ANSWER in "".join(c["delta"].get("content", "") for c in mine)
+        traced = [c for c in chunks if c.get("search_trace") and c["choices"][0]["index"] == i]
+        assert [s["index"] for c in traced for s in c["search_trace"]] == [i] * len(per_choice[i])
 
 
 def test_trace_option(url, demo_app):
