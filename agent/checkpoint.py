@@ -32,7 +32,11 @@ def load_format(path: str | Path, override: str | None = None) -> TagFormat:
         )
     try:
         data = json.loads(file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds {type(data).__name__}, not a JSON object")
         fields = data.get("tag_format")
+        if fields and not isinstance(fields, dict):
+            raise ValueError(f"tag_format is {type(fields).__name__}, not a JSON object")
         return TagFormat(**fields) if fields else get_format(data["format"])
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{file} is not a valid agent.json: {exc}") from exc

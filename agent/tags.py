@@ -13,7 +13,7 @@ is one special token, and text after a tag starts with a space, so a name is alw
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from retrieval.types import Passage
 
@@ -39,6 +39,35 @@ class TagFormat:
     docs_template: str = "{open}{documents}{close}"
     chat: bool = False  # True: the prompt is one user turn through the checkpoint's chat template
     doc_separator: str = ""  # between rendered passages (Search-R1 joins them with newlines)
+
+    def __post_init__(self) -> None:
+        """A format read from a checkpoint's agent.json is checked here, once, so a wrong type or
+        a template naming an unknown field fails at load (ValueError), not at the first request."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("tags_are_tokens", "chat"):
+                ok, kind = isinstance(value, bool), "true or false"
+            else:
+                ok, kind = isinstance(value, str) or (f.name == "bos" and value is None), "a string"
+            if not ok:
+                raise ValueError(f"{f.name} must be {kind}, not {value!r}")
+        samples = {
+            "prompt_template": {"question": "q"},
+            "doc_template": {"i": 1, "title": "t", "text": "x"},
+            "docs_template": {"open": "o", "close": "c", "documents": "\0"},
+        }
+        for name, values in samples.items():
+            template = getattr(self, name)
+            try:
+                rendered = template.format(**values)
+            except (KeyError, IndexError, ValueError) as exc:
+                known = ", ".join("{" + key + "}" for key in values)
+                raise ValueError(
+                    f"{name} {template!r} is not a template of {known} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
+            if name == "docs_template" and rendered.count("\0") != 1:
+                raise ValueError(f"docs_template {template!r} must hold {{documents}} once")
 
     @property
     def tags(self) -> tuple[str, ...]:

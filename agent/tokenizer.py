@@ -58,7 +58,11 @@ class Tokenizer:
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: a checkpoint needs a tokenizer.json")
-        inner = _HFTokenizer.from_file(str(file))
+        try:
+            inner = _HFTokenizer.from_file(str(file))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"{file} is not a valid tokenizer.json: {reason}") from None
         return cls(inner, eos_token, bos_token, read_chat_template(Path(path)))
 
     @property

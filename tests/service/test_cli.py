@@ -229,6 +229,36 @@ def test_bad_numbers_paths_and_checkpoints_are_one_line(tmp_path, demo_artifacts
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("file", "damage", "message"),
+    [
+        ("agent.json", "[]", "agent.json: it holds list, not a JSON object"),
+        ("agent.json", {"eos": 5}, "agent.json: eos must be a string, not 5"),
+        ("agent.json", {"prompt_template": "{bogus}"}, "'{bogus}' is not a template of"),
+        ("agent.json", {"docs_template": "{open}{close}"}, "must hold {documents} once"),
+        ("tokenizer.json", "{bad", "tokenizer.json is not a valid tokenizer.json: key must be"),
+    ],
+)  # fmt: skip
+def test_a_damaged_checkpoint_file_is_one_line(tmp_path, demo_artifacts, file, damage, message):
+    """Guards against tracebacks from a hand-edited checkpoint: agent.json of the wrong shape or
+    types, a template naming an unknown field (it failed at the first question), a tokenizer.json
+    the tokenizers library cannot read (it raises a bare Exception)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in (demo_artifacts / "sft").iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    if isinstance(damage, dict):
+        agent = json.loads((ckpt / file).read_text())
+        agent["tag_format"].update(damage)
+        damage = json.dumps(agent)
+    (ckpt / file).write_text(damage)
+    _one_line_error(
+        _cli("eval", "--model", str(ckpt), "--index", str(demo_artifacts / "index"),
+             "--data", str(demo_artifacts / "world" / "test.jsonl"), "--limit", "1"),
+        message,
+    )  # fmt: skip
+
+
 def test_a_checkpoint_without_agent_json_is_evaluated_with_format(tmp_path, demo_artifacts):
     """Guards against published checkpoints (no agent.json) being impossible to evaluate: eval
     said to name a preset, then refused --format with a model."""
