@@ -68,7 +68,9 @@ def _swap_in(out: Path, scratch: Path, marker: str) -> None:
 
 
 def clear_unfinished(out: Path, marker: str) -> None:
-    """Remove `out` when it holds no `marker`: what an interrupted build left there, before
-    builds were staged. Only for directories the caller owns (the demo's, the pipeline's)."""
+    """Remove `out` when an interrupted build left only its scratch there (no `marker`, nothing
+    else). Anything more is not ours to delete, even in a directory the caller names (the demo's,
+    the pipeline's): the staged build that follows refuses it with a one-line error instead."""
     if out.is_dir() and not (out / marker).exists():
-        shutil.rmtree(out)
+        if all(p.name == SCRATCH for p in out.iterdir()):
+            shutil.rmtree(out)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from retrieval.outputs import clear_unfinished, staged_dir
 from training.rl import RLConfig, last_checkpoint_step, run_rl
-from training.sft import SFTConfig, _jsonable, changed_settings, run_sft
+from training.sft import SFTConfig, _jsonable, changed_settings, check_rate, check_weight, run_sft
 from training.world import read_jsonl
 
 # (checkpoint, RLConfig.stage, the checkpoint it starts from). Every stage trains on every
@@ -188,6 +188,9 @@ def check_settings(cfg: PipelineConfig) -> None:
     """Record the run's training settings in `out/settings.json`, or check them against the
     recorded ones: a stage is skipped when its checkpoint exists, so a rerun with other settings
     would silently mix two runs' checkpoints. Raises SettingsMismatch saying what differs."""
+    for name in ("sft_plus_lr", "rl_lr"):  # checked before any stage runs
+        check_rate(name, getattr(cfg, name))
+    check_weight("rl_mu", cfg.rl_mu)
     # `out` is where the record lives, not a setting: `trE` and `$PWD/trE` are one run
     settings = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in (*REPORT_ONLY, "out")}
     path = cfg.out / "settings.json"

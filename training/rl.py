@@ -47,7 +47,13 @@ from agent.tokenizer import Tokenizer
 from training import rewards
 from training.model import no_activation_checkpointing
 from training.oracle import RECALL
-from training.sft import _jsonable, changed_settings, export_checkpoint
+from training.sft import (
+    _jsonable,
+    changed_settings,
+    check_rate,
+    check_weight,
+    export_checkpoint,
+)
 
 STAGES = ("1", "2", "plus")
 
@@ -105,6 +111,13 @@ def run_rl(cfg: RLConfig) -> dict:
     t0 = time.monotonic()
     resume = _check_resume(cfg)
     trainer = build_trainer(cfg)
+    if not resume:
+        # a new run, its settings checked: an old run's checkpoint must not be resumed later as
+        # ours (removed only now, so a run refused above leaves the old one resumable)
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        for old in (cfg.out / ".trainer").glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            shutil.rmtree(old)
     _record_run(cfg)
     try:
         trainer.train(resume_from_checkpoint=True if resume else None)
@@ -139,6 +152,9 @@ def build_trainer(cfg: RLConfig):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= least:
             raise ValueError(f"{name} must be seconds {'>= 0' if least == 0 else '> 0'}, "
                              f"not {value!r}")  # fmt: skip
+    check_rate("lr", cfg.lr)
+    check_weight("beta", cfg.beta)
+    check_weight("mu", cfg.mu)
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -210,15 +226,10 @@ def _check_resume(cfg: RLConfig) -> bool:
     earlier RL run's (it has `.trainer`), never an SFT checkpoint or anything else; a resume must
     have the settings of the run it continues (stage 1's optimizer state and step count taken
     as stage 2's start would be another run); a resume with nothing to resume says so."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
     from retrieval.outputs import check_out_dir
 
     check_out_dir(cfg.out, ".trainer", "RL run")
     if not cfg.resume:
-        # a new run: an old run's checkpoint must not be resumed later as ours
-        for old in (cfg.out / ".trainer").glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-            shutil.rmtree(old)
         return False
     last = last_checkpoint_step(cfg.out)
     if last is None:

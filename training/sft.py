@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import shutil
 import time
@@ -80,12 +81,27 @@ class SFTConfig:
     seed: int = 0
 
 
+def check_rate(name: str, value: object) -> None:
+    """A learning rate is a finite number > 0: inf or nan trains every weight to NaN and 0 trains
+    nothing, both with exit 0 and a checkpoint written."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
+
+
+def check_weight(name: str, value: object) -> None:
+    """A loss weight (KL, memorization) is a finite number >= 0: a negative one rewards the
+    opposite of what it is for."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+
+
 def run_sft(cfg: SFTConfig) -> dict:
     """Train and export the checkpoint into `cfg.out`: a new or empty directory, or an earlier
     checkpoint, which the new one replaces only once it is complete (`staged_dir`): a failure or
     Ctrl-C part-way leaves `cfg.out` as it was, never new tokenizer files beside old weights."""
     if (cfg.data or cfg.knowledge) is not None and cfg.init is None:
         raise ValueError("data and knowledge fine-tune a checkpoint: they need init")
+    check_rate("lr", cfg.lr)
     with staged_dir(cfg.out, "config.json", "checkpoint") as work:
         report = _run_sft(replace(cfg, out=work))
         report["config"]["out"] = str(cfg.out)

@@ -204,6 +204,12 @@ def test_a_failed_build_leaves_the_earlier_output_as_it_was(tmp_path, demo_artif
          "not with --stage, --lr"),  # the file holds every setting: flags beside it were ignored
         (["train", "rl", "--init", "M", "--out", "O", "--types", "2hop,bogus"],
          "no questions of type bogus"),  # a typo quietly narrowed training to 2-hop
+        # each wrote a checkpoint with exit 0: every weight NaN, or trained on nothing
+        (["train", "sft", "--out", "O", "--lr", "inf"], "lr must be a finite number > 0, not inf"),
+        (["train", "rl", "--init", "M", "--out", "O", "--lr", "0"], "lr must be a finite number"),
+        (["train", "rl", "--init", "M", "--out", "O", "--beta", "-1"],
+         "beta must be a finite number >= 0, not -1.0"),
+        (["train", "pipeline", "--out", "O", "--rl-lr", "nan"], "rl_lr must be a finite number"),
     ],
 )  # fmt: skip
 def test_bad_numbers_paths_and_checkpoints_are_one_line(tmp_path, demo_artifacts, args, message):

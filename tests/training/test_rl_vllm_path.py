@@ -108,6 +108,11 @@ def test_rl_resumes_from_its_last_checkpoint(demo_artifacts, tmp_path):
         run_rl(replace(cfg, steps=3, resume=True, seed=7))  # finished: nothing left to train
     with pytest.raises(ValueError, match="holds no RL run"):
         run_rl(replace(cfg, out=demo_artifacts / "sft"))  # an SFT checkpoint is not written over
+    # a new run refused for its settings leaves the old run resumable (its checkpoints were
+    # deleted first)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, not 0"):
+        run_rl(replace(cfg, lr=0.0))
+    assert list((cfg.out / ".trainer").glob("checkpoint-3"))
 
 
 def test_memorization_target_states_what_was_retrieved_as_known(demo_artifacts):
