@@ -99,8 +99,12 @@ class Encoder:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.config_sha256 = config_sha256(path)
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        except Exception as exc:  # OSError, SafetensorError, JSON errors: all the files' fault
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"cannot load an encoder from {path}: {reason}") from None
         self._model = model.to(self.device).eval()
         self._lock = threading.Lock()
         self._onnx: Any = None  # an onnxruntime.InferenceSession once `_use_onnx` succeeds

@@ -91,3 +91,28 @@ def test_onnx_runtime_gives_torch_vectors(minilm):
     assert minilm.describe() == on_torch.describe()  # same vectors, so the same fingerprint
     with pytest.raises(ValueError, match="unknown encoder runtime 'tensorrt'"):
         Encoder(minilm.path, runtime="tensorrt")
+
+
+def test_an_encoder_with_damaged_weights_is_a_one_line_error(tmp_path):
+    """Guards against a traceback from `index build --kind dense --encoder DIR` when DIR's
+    weights are truncated (the build path had no guard; loading an index had one)."""
+    import shutil
+
+    from retrieval.encoder import default_encoder_path
+
+    damaged = tmp_path / "enc"
+    shutil.copytree(default_encoder_path(), damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "1", "title": "A", "text": "a painter"}\n')
+    out = tmp_path / "idx"
+    cmd = [sys.executable, "-m", "service.cli", "index", "build", "--corpus", str(corpus),
+           "--out", str(out), "--kind", "dense", "--encoder", str(damaged)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"searchagent: cannot load an encoder from {damaged}: "
+        "Error while deserializing header: invalid header length"
+    )
+    assert not out.exists()
