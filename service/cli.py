@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -118,12 +119,14 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
             "serve needs --model DIR (or SEARCHAGENT_MODEL); "
             "for retrieval alone run `searchagent retrieve-serve`"
         )
+    # the address first: a port in use is one line now, not a log record after the model load
+    sock = _listen(settings.host, settings.port)
     try:
         app = create_app(settings)
     except (IndexLoadError, EngineError, OSError, ValueError, KeyError) as exc:
         _fail(f"cannot start: {exc}")
     log_config = json_logging(settings.log_level) if settings.log_json else None
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -132,6 +135,26 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
         access_log=not settings.log_json,  # JSON mode: RequestLog writes the access lines
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn would bind it; a one-line error if it cannot."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc}")
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    sock.set_inheritable(True)
+    return sock
 
 
 def _index_build(args: argparse.Namespace) -> None:

@@ -314,3 +314,21 @@ def test_ctrl_c_during_eval_exits_130(demo_artifacts):
         proc.kill()
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "Traceback" not in err and "terminate called" not in err
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(demo_artifacts):
+    """Guards against a port in use (or a host that does not resolve) surfacing as uvicorn's
+    log record and exit 3, after the model had loaded for nothing."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _cli("serve", "--model", str(demo_artifacts / "sft"),
+                 "--index", str(demo_artifacts / "index"), "--port", str(port))  # fmt: skip
+    _one_line_error(r, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert "serving" not in r.stderr  # refused before the app (and its model) was built
+    r = _cli("retrieve-serve", "--index", str(demo_artifacts / "index"),
+             "--host", "nonexistent.invalid", "--port", str(port))  # fmt: skip
+    _one_line_error(r, "cannot listen on nonexistent.invalid:")
