@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import bm25s
+import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
 from tqdm.auto import tqdm
 
@@ -64,6 +65,7 @@ class BM25Retriever:
         n_docs = model.scores["num_docs"]
         if n_docs != len(passages):
             raise ValueError(f"{len(passages)} passages but a BM25 matrix of {n_docs} documents")
+        _check_matrix(model.scores, len(model.vocab_dict))
         self._passages = passages
         self._model = model
         self._vocab: dict[str, int] = model.vocab_dict
@@ -150,3 +152,21 @@ class BM25Retriever:
         model = bm25s.BM25.load(directory, load_corpus=False, show_progress=False)
         rows = read_corpus(directory / PASSAGES_FILE)
         return cls([Passage(r["id"], r["title"], r["text"]) for r in rows], model)
+
+
+def _check_matrix(scores: Mapping[str, Any], n_terms: int) -> None:
+    """The term-by-document matrix (CSC: a column per term, row indices are documents) is what
+    a search reads: a damaged array would crash the first search (an index out of bounds) or
+    silently score the wrong passages. One linear pass over it, at load."""
+    data, indices, indptr = scores["data"], scores["indices"], scores["indptr"]
+    n_docs = scores["num_docs"]
+    if len(indptr) != n_terms + 1:
+        raise ValueError(f"the BM25 matrix has {len(indptr) - 1} terms, its vocabulary {n_terms}")
+    if len(data) != len(indices) or indptr[0] != 0 or indptr[-1] != len(indices):
+        raise ValueError("the BM25 matrix's arrays disagree in length")
+    if len(indptr) > 1 and bool(np.any(np.diff(indptr) < 0)):
+        raise ValueError("the BM25 matrix's column pointers are not in order")
+    if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= n_docs):
+        raise ValueError(f"the BM25 matrix names documents outside its {n_docs}")
+    if not bool(np.all(np.isfinite(data))):
+        raise ValueError("the BM25 matrix holds scores that are not finite numbers")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from retrieval.bm25 import BM25Retriever
@@ -142,6 +143,23 @@ def test_manifest_count_mismatch(built):
     manifest["n_passages"] = 7
     (built / "index.json").write_text(json.dumps(manifest))
     assert_one_line_load_error(built, "says 7 passages")
+
+
+@pytest.mark.parametrize(
+    ("array", "damage", "message"),
+    [
+        ("indices", lambda a: np.full_like(a, 10**6), "names documents outside its"),
+        ("indptr", lambda a: np.r_[a[:1], a[-2:0:-1], a[-1:]], "pointers are not in order"),
+        ("data", lambda a: np.full_like(a, np.nan), "not finite numbers"),
+        ("indptr", lambda a: a[:-1], "terms, its vocabulary"),
+    ],
+)
+def test_damaged_bm25_matrix(built, array, damage, message):
+    """Guards against a damaged matrix that loads: out-of-range document ids crashed the first
+    search (IndexError), reversed column pointers returned wrong passages with exit 0."""
+    path = built / f"{array}.csc.index.npy"
+    np.save(path, damage(np.load(path)))
+    assert_one_line_load_error(built, message)
 
 
 def test_rebuild_in_place_replaces_index(tmp_path):
