@@ -83,6 +83,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}  # seconds per stage run now (skipped stages have none)
+    # where the report goes, checked before the hour of training it reports on
+    if cfg.results.is_dir() or not cfg.results.parent.is_dir():
+        raise ValueError(f"--results {cfg.results}: give a file path in an existing directory")
+    if cfg.plots.exists() and not cfg.plots.is_dir():
+        raise ValueError(f"--plots {cfg.plots} is a file, not a directory")
     check_settings(cfg)
     build_demo_data(cfg.demo)
     sft = cfg.out / "sft"
@@ -164,15 +169,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if installed:
         shutil.rmtree(cfg.demo / "rl", ignore_errors=True)
         shutil.copytree(final, cfg.demo / "rl", ignore=shutil.ignore_patterns(".*"))
-    plot = plot_rl(cfg.out, cfg.plots)
     report = {
         "scores": scores,
         "installed": installed,
         "seconds": round(time.monotonic() - t0, 1),
-        "plot": str(plot),
+        "plot": str(cfg.plots / "rl.png"),
     }
-    write_results(cfg.results, results_markdown(cfg, scores, plot, time.monotonic() - t0, timings))
+    # the scores first: an evaluation's half hour is never lost to a plot or report that fails
     (cfg.out / "pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot = plot_rl(cfg.out, cfg.plots)
+    write_results(cfg.results, results_markdown(cfg, scores, plot, time.monotonic() - t0, timings))
     return report
 
 

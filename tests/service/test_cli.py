@@ -210,6 +210,9 @@ def test_a_failed_build_leaves_the_earlier_output_as_it_was(tmp_path, demo_artif
         (["train", "rl", "--init", "M", "--out", "O", "--beta", "-1"],
          "beta must be a finite number >= 0, not -1.0"),
         (["train", "pipeline", "--out", "O", "--rl-lr", "nan"], "rl_lr must be a finite number"),
+        # found only after an hour of training and evaluation, whose scores were then lost
+        (["train", "pipeline", "--out", "O", "--results", "W"], "give a file path in an existing"),
+        (["train", "pipeline", "--out", "O", "--plots", "F"], "is a file, not a directory"),
     ],
 )  # fmt: skip
 def test_bad_numbers_paths_and_checkpoints_are_one_line(tmp_path, demo_artifacts, args, message):
