@@ -312,15 +312,22 @@ class AgentLoop:
         """Text inside the last answer tags; else the model's final free text: what follows the
         last documents block, thought or query (a checkpoint that answers without tags), or the
         whole text if it wrote no tag. None when it ends inside a thought or a query (cut by its
-        token budget): its unfinished reasoning is no answer."""
+        token budget): its unfinished reasoning is no answer. A thought is open from its open tag
+        to its close tag, documents in between (R1-Searcher searches inside its thought), and from
+        the start when the prompt opens it (R1-Searcher's ends with "Assistant: <think>")."""
         fmt = self.fmt
         start = text.rfind(fmt.answer_open)
         if start >= 0:
             body = text[start + len(fmt.answer_open) :]
             return body.split(fmt.answer_close)[0].strip()
-        tags = (fmt.docs_close, fmt.think_close, fmt.search_close, fmt.think_open, fmt.search_open)
+        if fmt.think_open and fmt.think_close:
+            opened, closed = text.rfind(fmt.think_open), text.rfind(fmt.think_close)
+            by_prompt = fmt.prompt_template.rstrip().endswith(fmt.think_open)
+            if closed < opened or (by_prompt and opened < 0 and closed < 0):
+                return None
+        tags = (fmt.docs_close, fmt.think_close, fmt.search_close, fmt.search_open)
         found = [(at + len(tag), tag) for tag in tags if tag and (at := text.rfind(tag)) >= 0]
-        end, last = max(found, default=(0, ""))
-        if last in (fmt.think_open, fmt.search_open):
+        end, last = max(found, default=(0, None))
+        if last == fmt.search_open:
             return None
         return text[end:].replace(self._tok.eos_token, "").strip() or None

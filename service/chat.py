@@ -133,7 +133,8 @@ class RunState:
 
     def final_text(self) -> str | None:
         """Content still owed at the end, once: the loop's fallback answer (no answer tags: the
-        text after the last documents) when nothing reached the answer channel, a held-back tail
+        model's free text after its last documents, thought or query; none if it ended inside a
+        thought) when nothing reached the answer channel, a held-back tail
         that never became a stop string, and in trace_mode content the answer-close tag."""
         assert self.finished is not None
         if self._final_sent:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -120,13 +119,13 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
             "for retrieval alone run `searchagent retrieve-serve`"
         )
     # the address first: a port in use is one line now, not a log record after the model load
-    sock = _listen(settings.host, settings.port)
+    _check_address(settings.host, settings.port)
     try:
         app = create_app(settings)
     except (IndexLoadError, EngineError, OSError, ValueError, KeyError) as exc:
         _fail(f"cannot start: {exc}")
     log_config = json_logging(settings.log_level) if settings.log_json else None
-    config = uvicorn.Config(
+    uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
@@ -135,26 +134,24 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
         access_log=not settings.log_json,  # JSON mode: RequestLog writes the access lines
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    uvicorn.Server(config).run(sockets=[sock])
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port), as uvicorn would bind it; a one-line error if it cannot."""
+def _check_address(host: str, port: int) -> None:
+    """Fail in one line unless uvicorn will be able to listen on (host, port): the same
+    `create_server` call it makes (every address the host names; "" is every interface), opened
+    and closed again. Another process may still take the port in between; uvicorn then says so."""
+    import asyncio
+
+    async def probe() -> None:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+        server.close()
+        await server.wait_closed()
+
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except (socket.gaierror, UnicodeError) as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc}")
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    sock.set_inheritable(True)
-    return sock
+        asyncio.run(probe())
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _fail(f"cannot listen on {host}:{port}: {reason}")
 
 
 def _index_build(args: argparse.Namespace) -> None:

@@ -86,8 +86,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     # where the report goes, checked before the hour of training it reports on
     if cfg.results.is_dir() or not cfg.results.parent.is_dir():
         raise ValueError(f"--results {cfg.results}: give a file path in an existing directory")
-    if cfg.plots.exists() and not cfg.plots.is_dir():
-        raise ValueError(f"--plots {cfg.plots} is a file, not a directory")
+    for part in (cfg.plots, *cfg.plots.parents):  # it, or the first of its parents that exists
+        if part.exists():
+            if not part.is_dir():
+                raise ValueError(f"--plots {cfg.plots}: {part} is a file, not a directory")
+            break
     check_settings(cfg)
     build_demo_data(cfg.demo)
     sft = cfg.out / "sft"

@@ -148,6 +148,23 @@ def test_answer_without_answer_tags_is_the_final_free_text_never_reasoning(token
     assert answer(ROUND1, f" Velmora{eos}") == "Velmora"  # right after the documents
     assert answer(f"Velmora{eos}") == "Velmora"  # no tag at all
     assert answer(ROUND1, f"<think> It says Velmora.</think>{eos}") is None
+    # R1-Searcher's prompt opens the thought ("Assistant: <think>") and it searches inside it:
+    # text after its documents is still reasoning until the think close
+    fmt = replace(R1_SEARCHER, eos=DEFAULT.eos, bos=DEFAULT.bos)
+    first = " I need Gal Borin's birthplace. <|begin_of_query|> Gal Borin born<|end_of_query|>"
+
+    def r1_answer(*texts: str) -> str | None:
+        engine = ScriptedEngine(tokenizer, script(tokenizer, *texts))
+        loop = AgentLoop(engine, retriever, fmt, Limits(top_k=1))
+        return run(loop, "Where was Gal Borin born?")[-1].trajectory.answer
+
+    assert r1_answer(" The question asks where Gal Borin was") is None
+    assert r1_answer(first, " The document says he was born in") is None
+    assert r1_answer(first, f" So Velmora.</think> Velmora{eos}") == "Velmora"
+    # a format without think tags: the free text is the answer
+    bare = replace(DEFAULT, think_open="", think_close="")
+    engine = ScriptedEngine(tokenizer, script(tokenizer, f" Velmora{eos}"))
+    assert run(AgentLoop(engine, retriever, bare), "Where?")[-1].trajectory.answer == "Velmora"
 
 
 def test_request_cannot_exceed_server_maxima():

@@ -213,6 +213,7 @@ def test_a_failed_build_leaves_the_earlier_output_as_it_was(tmp_path, demo_artif
         # found only after an hour of training and evaluation, whose scores were then lost
         (["train", "pipeline", "--out", "O", "--results", "W"], "give a file path in an existing"),
         (["train", "pipeline", "--out", "O", "--plots", "F"], "is a file, not a directory"),
+        (["train", "pipeline", "--out", "O", "--plots", "FS"], "afile is a file, not a directory"),
     ],
 )  # fmt: skip
 def test_bad_numbers_paths_and_checkpoints_are_one_line(tmp_path, demo_artifacts, args, message):
@@ -232,6 +233,7 @@ def test_bad_numbers_paths_and_checkpoints_are_one_line(tmp_path, demo_artifacts
         "I": str(demo_artifacts / "index"), "D": str(demo_artifacts / "world" / "test.jsonl"),
         "C": str(demo_artifacts / "world" / "corpus.jsonl"), "O": str(tmp_path / "o"),
         "W": str(demo_artifacts / "world"), "T": str(truncated), "F": str(tmp_path / "afile"),
+        "FS": str(tmp_path / "afile" / "sub"),
         "CFG": str(Path(__file__).resolve().parents[2] / "configs/rl/qwen2.5-7b-stage1.json"),
     }  # fmt: skip
     _one_line_error(_cli(*(names.get(a, a) for a in args)), names.get(message, message))
@@ -319,19 +321,26 @@ def test_ctrl_c_during_eval_exits_130(demo_artifacts):
     assert "Traceback" not in err and "terminate called" not in err
 
 
-def test_a_taken_port_is_one_line_before_the_model_loads(demo_artifacts):
+def test_a_taken_port_is_one_line_before_the_model_loads(demo_artifacts, tmp_path):
     """Guards against a port in use (or a host that does not resolve) surfacing as uvicorn's
-    log record and exit 3, after the model had loaded for nothing."""
+    log record and exit 3, after the model had loaded for nothing. The model here cannot load
+    (truncated weights): the port's error, not the model's, shows the order."""
     import socket
 
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (demo_artifacts / "sft").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = _cli("serve", "--model", str(demo_artifacts / "sft"),
+        r = _cli("serve", "--model", str(broken),
                  "--index", str(demo_artifacts / "index"), "--port", str(port))  # fmt: skip
-    _one_line_error(r, f"cannot listen on 127.0.0.1:{port}: Address already in use")
-    assert "serving" not in r.stderr  # refused before the app (and its model) was built
+    _one_line_error(r, f"cannot listen on 127.0.0.1:{port}: ")
+    assert "address already in use" in r.stderr.lower()
     r = _cli("retrieve-serve", "--index", str(demo_artifacts / "index"),
              "--host", "nonexistent.invalid", "--port", str(port))  # fmt: skip
     _one_line_error(r, "cannot listen on nonexistent.invalid:")
