@@ -65,7 +65,6 @@ class BM25Retriever:
         n_docs = model.scores["num_docs"]
         if n_docs != len(passages):
             raise ValueError(f"{len(passages)} passages but a BM25 matrix of {n_docs} documents")
-        _check_matrix(model.scores, len(model.vocab_dict))
         self._passages = passages
         self._model = model
         self._vocab: dict[str, int] = model.vocab_dict
@@ -150,6 +149,7 @@ class BM25Retriever:
         """Inverse of `save`. Raises OSError/ValueError on missing or inconsistent files."""
         directory = Path(directory)
         model = bm25s.BM25.load(directory, load_corpus=False, show_progress=False)
+        _check_matrix(model.scores, len(model.vocab_dict))  # files can be damaged; a build's not
         rows = read_corpus(directory / PASSAGES_FILE)
         return cls([Passage(r["id"], r["title"], r["text"]) for r in rows], model)
 

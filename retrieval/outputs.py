@@ -67,10 +67,9 @@ def _swap_in(out: Path, scratch: Path, marker: str) -> None:
         new.rename(out / new.name)
 
 
-def clear_unfinished(out: Path, marker: str) -> None:
-    """Remove `out` when an interrupted build left only its scratch there (no `marker`, nothing
-    else). Anything more is not ours to delete, even in a directory the caller names (the demo's,
-    the pipeline's): the staged build that follows refuses it with a one-line error instead."""
-    if out.is_dir() and not (out / marker).exists():
-        if all(p.name == SCRATCH for p in out.iterdir()):
-            shutil.rmtree(out)
+def clear_unfinished(out: Path) -> None:
+    """Remove `out` when an interrupted build left only its scratch there (so no marker either).
+    Anything more is not ours to delete, even in a directory the caller names (the demo's, the
+    pipeline's): the staged build that follows refuses it with a one-line error instead."""
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {SCRATCH}:
+        shutil.rmtree(out)

@@ -22,7 +22,7 @@ def build_demo(out: Path) -> None:
         from training.sft import SFTConfig, run_sft
 
         print(f"training {out / 'sft'} (no committed checkpoint found)")
-        clear_unfinished(out / "sft", "config.json")
+        clear_unfinished(out / "sft")
         run_sft(SFTConfig(out=out / "sft"))
     print(f"demo artifacts ready in {out}")
 
@@ -36,11 +36,11 @@ def build_demo_data(out: Path) -> None:
     for name, seed in (("world", DEMO_SEED), ("world2", SECOND_SEED)):
         if not (out / name / "world.json").is_file():  # written last: the world is complete
             print(f"building {out / name} (seed {seed})")
-            clear_unfinished(out / name, "world.json")
+            clear_unfinished(out / name)
             build_world(out / name, seed)
     for world, index in (("world", "index"), ("world2", "index2")):
         corpus = out / world / "corpus.jsonl"
         if not built_from(out / index, corpus):
             print(f"building {out / index}")
-            clear_unfinished(out / index, "index.json")
+            clear_unfinished(out / index)
             build_index(corpus, out / index)

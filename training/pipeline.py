@@ -25,7 +25,7 @@ from pathlib import Path
 
 from retrieval.outputs import clear_unfinished, staged_dir
 from training.rl import RLConfig, last_checkpoint_step, run_rl
-from training.sft import SFTConfig, _jsonable, changed_settings, check_rate, check_weight, run_sft
+from training.sft import SFTConfig, _jsonable, changed_settings, check_number, run_sft
 from training.world import read_jsonl
 
 # (checkpoint, RLConfig.stage, the checkpoint it starts from). Every stage trains on every
@@ -95,14 +95,14 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     build_demo_data(cfg.demo)
     sft = cfg.out / "sft"
     if cfg.sft_init is not None and not (sft / "config.json").is_file():
-        clear_unfinished(sft, "config.json")
+        clear_unfinished(sft)
         with staged_dir(sft, "config.json", "checkpoint") as work:  # a half copy is never used
             shutil.copytree(
                 cfg.sft_init, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*")
             )
     if cfg.sft_init is None and not (sft / "training.json").is_file():
         start = time.monotonic()
-        clear_unfinished(sft, "config.json")
+        clear_unfinished(sft)
         run_sft(
             SFTConfig(
                 out=sft,
@@ -117,7 +117,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     plus = cfg.out / SFT_PLUS
     if not (plus / "training.json").is_file():
         start = time.monotonic()
-        clear_unfinished(plus, "config.json")
+        clear_unfinished(plus)
         run_sft(
             SFTConfig(
                 out=plus,
@@ -198,8 +198,8 @@ def check_settings(cfg: PipelineConfig) -> None:
     recorded ones: a stage is skipped when its checkpoint exists, so a rerun with other settings
     would silently mix two runs' checkpoints. Raises SettingsMismatch saying what differs."""
     for name in ("sft_plus_lr", "rl_lr"):  # checked before any stage runs
-        check_rate(name, getattr(cfg, name))
-    check_weight("rl_mu", cfg.rl_mu)
+        check_number(name, getattr(cfg, name), positive=True)
+    check_number("rl_mu", cfg.rl_mu, positive=False)
     # `out` is where the record lives, not a setting: `trE` and `$PWD/trE` are one run
     settings = {k: v for k, v in _jsonable(asdict(cfg)).items() if k not in (*REPORT_ONLY, "out")}
     path = cfg.out / "settings.json"

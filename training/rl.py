@@ -47,13 +47,7 @@ from agent.tokenizer import Tokenizer
 from training import rewards
 from training.model import no_activation_checkpointing
 from training.oracle import RECALL
-from training.sft import (
-    _jsonable,
-    changed_settings,
-    check_rate,
-    check_weight,
-    export_checkpoint,
-)
+from training.sft import _jsonable, changed_settings, check_number, export_checkpoint
 
 STAGES = ("1", "2", "plus")
 
@@ -147,14 +141,11 @@ def build_trainer(cfg: RLConfig):
     """The GRPO trainer for `cfg`, its rollouts from our agent loop (not yet trained)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown RL stage {cfg.stage!r}; known: {list(STAGES)}")
-    for name, least in (("retrieval_patience_s", 0), ("rollout_deadline_s", 1e-3)):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= least:
-            raise ValueError(f"{name} must be seconds {'>= 0' if least == 0 else '> 0'}, "
-                             f"not {value!r}")  # fmt: skip
-    check_rate("lr", cfg.lr)
-    check_weight("beta", cfg.beta)
-    check_weight("mu", cfg.mu)
+    check_number("retrieval_patience_s", cfg.retrieval_patience_s, positive=False, finite=False)
+    check_number("rollout_deadline_s", cfg.rollout_deadline_s, positive=True, finite=False)
+    check_number("lr", cfg.lr, positive=True)
+    check_number("beta", cfg.beta, positive=False)
+    check_number("mu", cfg.mu, positive=False)
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast

@@ -81,18 +81,15 @@ class SFTConfig:
     seed: int = 0
 
 
-def check_rate(name: str, value: object) -> None:
-    """A learning rate is a finite number > 0: inf or nan trains every weight to NaN and 0 trains
-    nothing, both with exit 0 and a checkpoint written."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, not {value!r}")
-
-
-def check_weight(name: str, value: object) -> None:
-    """A loss weight (KL, memorization) is a finite number >= 0: a negative one rewards the
-    opposite of what it is for."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+def check_number(name: str, value: object, *, positive: bool, finite: bool = True) -> None:
+    """Refuse a setting that is not a real number >= 0 (> 0 when `positive`), or not finite when
+    `finite`. A learning rate of inf or nan trains every weight to NaN and one of 0 trains
+    nothing, both with exit 0 and a checkpoint written; a negative loss weight rewards the
+    opposite of what it is for; `finite=False` is for seconds, where inf means no limit."""
+    real = isinstance(value, int | float) and not isinstance(value, bool)
+    if not real or not (value > 0 if positive else value >= 0) or (finite and value == math.inf):
+        what = "a finite number" if finite else "seconds"
+        raise ValueError(f"{name} must be {what} {'> 0' if positive else '>= 0'}, not {value!r}")
 
 
 def run_sft(cfg: SFTConfig) -> dict:
@@ -101,7 +98,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     Ctrl-C part-way leaves `cfg.out` as it was, never new tokenizer files beside old weights."""
     if (cfg.data or cfg.knowledge) is not None and cfg.init is None:
         raise ValueError("data and knowledge fine-tune a checkpoint: they need init")
-    check_rate("lr", cfg.lr)
+    check_number("lr", cfg.lr, positive=True)
     with staged_dir(cfg.out, "config.json", "checkpoint") as work:
         report = _run_sft(replace(cfg, out=work))
         report["config"]["out"] = str(cfg.out)

@@ -124,6 +124,19 @@ def test_train_rl_refuses_bad_questions_in_one_line(tmp_path, demo_artifacts, ro
     assert message in r.stderr and not (tmp_path / "o").exists()
 
 
+def _copy_checkpoint(src: Path, dst: Path, *, without: str = "", truncate: bool = False) -> Path:
+    """`src`'s files in a new `dst` (less the file `without`); `truncate`: its weights cut to
+    5,000 bytes, a checkpoint that cannot load."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != without:
+            (dst / f.name).write_bytes(f.read_bytes())
+    if truncate:
+        weights = dst / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    return dst
+
+
 def _one_line_error(r: subprocess.CompletedProcess, message: str) -> None:
     """Exit 2 and one error line, the last (a build's progress bars may come before it)."""
     assert r.returncode == 2, r.stderr[-2000:]
@@ -221,12 +234,7 @@ def test_bad_numbers_paths_and_checkpoints_are_one_line(tmp_path, demo_artifacts
     epochs, `--limit 0` scored a row, `--encoder` ignored on a bm25 build) and tracebacks: an
     index error in `train rl`, a truncated safetensors file, an unknown device, a file where a
     directory goes."""
-    truncated = tmp_path / "trunc"
-    truncated.mkdir()
-    for f in (demo_artifacts / "sft").iterdir():
-        (truncated / f.name).write_bytes(f.read_bytes())
-    weights = truncated / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:5000])
+    truncated = _copy_checkpoint(demo_artifacts / "sft", tmp_path / "trunc", truncate=True)
     (tmp_path / "afile").write_text("x")
     names = {
         "P": str(R1_RESULTS / "hotpotqa_qwen.jsonl"), "M": str(demo_artifacts / "sft"),
@@ -254,10 +262,7 @@ def test_a_damaged_checkpoint_file_is_one_line(tmp_path, demo_artifacts, file, d
     """Guards against tracebacks from a hand-edited checkpoint: agent.json of the wrong shape or
     types, a template naming an unknown field (it failed at the first question), a tokenizer.json
     the tokenizers library cannot read (it raises a bare Exception)."""
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    for f in (demo_artifacts / "sft").iterdir():
-        (ckpt / f.name).write_bytes(f.read_bytes())
+    ckpt = _copy_checkpoint(demo_artifacts / "sft", tmp_path / "ckpt")
     if isinstance(damage, dict):
         agent = json.loads((ckpt / file).read_text())
         agent["tag_format"].update(damage)
@@ -273,11 +278,7 @@ def test_a_damaged_checkpoint_file_is_one_line(tmp_path, demo_artifacts, file, d
 def test_a_checkpoint_without_agent_json_is_evaluated_with_format(tmp_path, demo_artifacts):
     """Guards against published checkpoints (no agent.json) being impossible to evaluate: eval
     said to name a preset, then refused --format with a model."""
-    ckpt = tmp_path / "published"
-    ckpt.mkdir()
-    for f in (demo_artifacts / "sft").iterdir():
-        if f.name != "agent.json":
-            (ckpt / f.name).write_bytes(f.read_bytes())
+    ckpt = _copy_checkpoint(demo_artifacts / "sft", tmp_path / "published", without="agent.json")
     data = str(demo_artifacts / "world" / "test.jsonl")
     args = ["eval", "--model", str(ckpt), "--index", str(demo_artifacts / "index"),
             "--data", data, "--limit", "2", "--json"]  # fmt: skip
@@ -327,12 +328,7 @@ def test_a_taken_port_is_one_line_before_the_model_loads(demo_artifacts, tmp_pat
     (truncated weights): the port's error, not the model's, shows the order."""
     import socket
 
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in (demo_artifacts / "sft").iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:5000])
+    broken = _copy_checkpoint(demo_artifacts / "sft", tmp_path / "broken", truncate=True)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

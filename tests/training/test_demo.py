@@ -42,7 +42,7 @@ def test_demo_build_never_deletes_what_it_did_not_write(tmp_path, tiny_checkpoin
         build_demo(tmp_path)
     assert (tmp_path / "world" / "notes.txt").read_text() == "mine"
     (tmp_path / "interrupted" / ".partial").mkdir(parents=True)
-    clear_unfinished(tmp_path / "interrupted", "world.json")
+    clear_unfinished(tmp_path / "interrupted")
     assert not (tmp_path / "interrupted").exists()
-    clear_unfinished(tmp_path / "world", "world.json")
+    clear_unfinished(tmp_path / "world")
     assert (tmp_path / "world" / "notes.txt").read_text() == "mine"
