@@ -7,6 +7,7 @@ global, so tests can run several apps in one process.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from retrieval.index import load_index, read_manifest
 from retrieval.remote import RemoteRetriever
 from retrieval.types import Cache, Retriever
 from service.chat import ChatContext
+from service.drain import Drain, DrainDeadline
 from service.errors import install_handlers
 from service.metrics import Metrics
 from service.middleware import Admission, ApiKeys, BodyLimit, RequestLog
@@ -37,10 +39,12 @@ log = logging.getLogger("searchagent.service")
 def create_app(settings: Settings) -> FastAPI:
     """Loads the index (and the checkpoint, when one is set) now, so a bad path fails here."""
     metrics = Metrics()
+    drain = Drain(settings.drain_timeout_s)  # `service.cli` runs a server that begins it
     retriever, closers = build_retriever(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drain.bind(asyncio.get_running_loop())
         app.state.ready = True
         log.info("serving %s on %s:%s", settings.model_id, settings.host, settings.port)
         yield
@@ -51,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="searchagent", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.drain = drain
     app.state.retrieval = RetrievalContext(
         retriever,
         default_k=settings.top_k,
@@ -72,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics=metrics,
         retry_after_s=settings.retry_after_s,
     )
+    app.add_middleware(DrainDeadline, drain=drain)  # a request queued for a slot is ended too
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_keys:
         app.add_middleware(ApiKeys, keys=[k.get_secret_value() for k in settings.api_keys])

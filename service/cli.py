@@ -88,6 +88,7 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
     from agent.openai_engine import EngineError
     from retrieval.index import IndexLoadError
     from service.app import create_app
+    from service.drain import DrainingServer
     from service.middleware import json_logging
     from service.settings import Settings
 
@@ -125,7 +126,7 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
     except (IndexLoadError, EngineError, OSError, ValueError, KeyError) as exc:
         _fail(f"cannot start: {exc}")
     log_config = json_logging(settings.log_level) if settings.log_json else None
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -134,6 +135,14 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
         access_log=not settings.log_json,  # JSON mode: RequestLog writes the access lines
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
+    # as `uvicorn.run` does for one worker, with a server that tells the app when a drain begins
+    server = DrainingServer(config, app.state.drain)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE; it has logged why
 
 
 def _check_address(host: str, port: int) -> None:

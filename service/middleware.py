@@ -3,7 +3,8 @@
 Pure ASGI (not `BaseHTTPMiddleware`) so streaming responses and client disconnects pass through
 untouched. Outermost first, as `service.app.create_app` installs them:
 
-    RequestLog (ids, metrics, logs) -> CORS -> ApiKeys -> BodyLimit -> Admission -> routes
+    RequestLog (ids, metrics, logs) -> CORS -> ApiKeys -> BodyLimit -> DrainDeadline
+    (`service.drain`: the end of a SIGTERM drain) -> Admission -> routes
 
 Each refusal is an OpenAI-shaped error body with the status vLLM and OpenAI use: 401 for a
 missing or wrong key, 413 for a body over the limit, 429 (with `Retry-After`) when every
