@@ -145,7 +145,8 @@ class AgentLoop:
         p = params.clamp(self.limits)
         assert p.max_tokens is not None and p.max_searches is not None
         assert p.max_context is not None and p.deadline_s is not None
-        deadline = asyncio.get_running_loop().time() + p.deadline_s
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + p.deadline_s
         traj = Trajectory(prompt_ids=list(prompt_ids))
         usage = Usage(prompt_tokens=len(prompt_ids))
         splitter = ChannelSplitter(self.fmt.answer_open, self.fmt.answer_close)
@@ -175,9 +176,17 @@ class AgentLoop:
             else:
                 stream = self.engine.generate(context, sampling, self._stop)
             try:
-                async with asyncio.timeout_at(deadline), aclosing(stream):
-                    # closing the stream (cancellation, deadline) aborts the engine work at once
-                    async for chunk in stream:
+                # closing the stream (cancellation, deadline) aborts the engine work at once
+                async with aclosing(stream):
+                    while True:
+                        # the deadline bounds the wait for the engine, never a `yield`: a slow
+                        # consumer must not have the deadline's cancellation land in it
+                        if clock.time() >= deadline:  # chunks queued up meanwhile wait no more
+                            raise TimeoutError
+                        async with asyncio.timeout_at(deadline):
+                            chunk = await anext(stream, None)
+                        if chunk is None:
+                            break
                         segment += chunk.ids
                         traj.completion_ids += chunk.ids
                         traj.env_mask += [1] * len(chunk.ids)

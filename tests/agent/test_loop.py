@@ -245,6 +245,29 @@ def test_request_deadline_ends_a_run_stuck_in_retrieval(tokenizer, retriever):
     assert RunParams(deadline_s=999.0).clamp(limits).deadline_s == 30.0
 
 
+def test_request_deadline_reached_while_the_consumer_is_busy_still_finishes_the_run(
+    tokenizer, retriever
+):
+    """Guards against the deadline's cancellation landing in the consumer instead of the run:
+    while a slow client's send was pending, the consumer got a bare CancelledError, no Finished
+    event, and the stream ended without a finish reason or [DONE]."""
+    engine = ScriptedEngine(tokenizer, script(tokenizer, ROUND1 * 20, ROUND2))
+    loop = AgentLoop(engine, retriever, DEFAULT, Limits(deadline_s=0.3))
+
+    async def slow_consumer() -> list:
+        events = []
+        async for event in loop.run(loop.prompt_ids("Where was Gal Borin born?"), RunParams()):
+            events.append(event)
+            await asyncio.sleep(0.05)  # a send to a slow client
+        return events
+
+    start = time.perf_counter()
+    events = asyncio.run(slow_consumer())
+    assert time.perf_counter() - start < 2.0  # not every token at 0.05 s: it stopped at 0.3 s
+    assert isinstance(events[-1], Finished) and events[-1].reason == "length"
+    assert events[-1].trajectory.error == "request deadline exceeded"
+
+
 def test_a_first_search_is_injected_before_the_model_writes(tokenizer, retriever):
     """Guards against naive RAG (RunParams.first_search) sending the model a context other than
     prompt + its search + the documents, counting the forced tokens as sampled, a query that can
