@@ -92,7 +92,9 @@ def prepare(ctx: ChatContext, req: CompletionRequest) -> PlainCompletion | Agent
                 + (", and has no top-k sampling" if name == "top_k" else ""),
                 param=name,
             )
-    max_tokens = min(req.max_tokens or DEFAULT_MAX_TOKENS, ctx.loop.limits.max_tokens)
+    limits = ctx.loop.limits  # the context limit holds here too, as the agent loop's does
+    room = limits.max_context - len(prompt_ids)  # >= 1: check_context said so
+    max_tokens = min(req.max_tokens or DEFAULT_MAX_TOKENS, limits.max_tokens, room)
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     stop = StopSpec(frozenset(req.stop_token_ids or ()), tuple(s for s in stops if s))
     sampling = sampling_params(ctx, req, max_tokens)

@@ -278,3 +278,28 @@ def test_bounded_tail_search_equals_the_full_one(pieces, stops):
         full = _undecided(text, stops)
         assert _undecided(text, stops, len(text) - sent) == full
         sent = len(text) - full
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_plain_decoding_stops_at_the_server_context_limit(serve_app, stream):
+    """Guards against plain decoding (agent: false) ignoring the server's max_context: a
+    50-token prompt with max_tokens 100 under a 64-token limit generated 100 tokens (the agent
+    path stopped at 64)."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(
+        Settings(model=DEMO / "sft", index=DEMO / "index", served_model_name="demo", max_context=64)
+    )
+    client = openai.OpenAI(base_url=f"{serve_app(app)}/v1", api_key="unused", max_retries=0)
+    tok = app.state.chat.loop.engine.tokenizer
+    prompt = (tok.encode(" the painter was born in Velmora") * 10)[:50]
+    eos = str(tok.eos_id)
+    r = client.completions.create(
+        model="demo", prompt=prompt, max_tokens=100, stream=stream, logit_bias={eos: -100},
+        extra_body={"agent": False, "return_token_ids": True},
+    )  # fmt: skip
+    chunks = list(r) if stream else [r]
+    ids = [i for c in chunks if c.choices for i in c.choices[0].model_extra["token_ids"] or []]
+    assert len(ids) == 64 - 50
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
