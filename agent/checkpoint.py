@@ -43,4 +43,26 @@ def load_format(path: str | Path, override: str | None = None) -> TagFormat:
 
 
 def load_tokenizer(path: str | Path, fmt: TagFormat) -> Tokenizer:
-    return Tokenizer.from_dir(path, eos_token=fmt.eos, bos_token=fmt.bos)
+    """The checkpoint's tokenizer, ending generation on the format's EOS and on every EOS id the
+    checkpoint names (`eos_token_id` in generation_config.json or config.json, as vLLM and
+    `generate` stop). A format whose EOS string the vocabulary lacks (a Llama checkpoint named
+    with the `search-r1` preset, whose EOS is Qwen's) takes the checkpoint's first EOS instead."""
+    extra = checkpoint_eos_ids(path)
+    return Tokenizer.from_dir(path, eos_token=fmt.eos, bos_token=fmt.bos, extra_eos=extra)
+
+
+def checkpoint_eos_ids(path: str | Path) -> list[int]:
+    """`eos_token_id` (an id or a list) from generation_config.json, then config.json."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            value = json.loads(file.read_text()).get("eos_token_id")
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"{file} is not a JSON object: {exc}") from exc
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and not isinstance(i, bool) and i not in ids:
+                ids.append(i)
+    return ids

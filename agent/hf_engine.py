@@ -310,7 +310,7 @@ class TransformersEngine:
         token = _sample(logits, req.params, req.generator)
         req.produced += 1
         chunk: TokenChunk
-        if token in req.stop.token_ids or token == self.tokenizer.eos_id:
+        if token in req.stop.token_ids or token in self.tokenizer.stop_ids:
             chunk = TokenChunk([token], "stop", token)
         elif (found := req.strings.push([token])) is not None:
             chunk = TokenChunk([token], "stop", stop_str=found)

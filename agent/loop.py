@@ -115,10 +115,10 @@ class AgentLoop:
         }
         if fmt.tags_are_tokens:
             self._by_id = {tok.token_id(tag): kind for tag, kind in meaning.items()}
-            self._stop = StopSpec(frozenset({*self._by_id, tok.eos_id}))
+            self._stop = StopSpec(frozenset({*self._by_id, *tok.stop_ids}))
         else:
             self._by_id = {}
-            self._stop = StopSpec(frozenset({tok.eos_id}), fmt.stop_strings)
+            self._stop = StopSpec(tok.stop_ids, fmt.stop_strings)
         self._by_str = {} if fmt.tags_are_tokens else meaning
         before, after = fmt.documents_block()
         self._docs_before = tok.encode(before)

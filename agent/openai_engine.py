@@ -121,7 +121,7 @@ class OpenAIEngine:
     ) -> AsyncIterator[TokenChunk]:
         if not prompt_ids:
             raise ValueError("empty prompt")
-        stop_ids = frozenset(stop.token_ids) | {self.tokenizer.eos_id}
+        stop_ids = frozenset(stop.token_ids) | self.tokenizer.stop_ids
         body = self._body(prompt_ids, params, stop, stop_ids)
         produced = 0
         last_id: int | None = None

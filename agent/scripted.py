@@ -26,7 +26,7 @@ class ScriptedEngine:
         segment = self._segments.pop(0) if self._segments else [self.tokenizer.eos_id]
         strings = StopStrings(self.tokenizer, stop.strings)
         for n, token in enumerate(segment, 1):
-            if token in stop.token_ids or token == self.tokenizer.eos_id:
+            if token in stop.token_ids or token in self.tokenizer.stop_ids:
                 yield TokenChunk([token], "stop", token)
                 return
             if (found := strings.push([token])) is not None:

@@ -13,6 +13,7 @@ does (sandboxed, trim_blocks/lstrip_blocks, `raise_exception`), without transfor
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class Tokenizer:
         eos_token: str,
         bos_token: str | None = None,
         chat_template: str | None = None,
+        extra_eos: Iterable[int] = (),
     ) -> None:
         self._inner = inner
         # A twin that reads special-token strings as plain text: for text we did not write.
@@ -46,15 +48,29 @@ class Tokenizer:
         self._plain.encode_special_tokens = True
         added = inner.get_added_tokens_decoder().values()
         self._special = sorted((t.content for t in added if t.special), key=len, reverse=True)
+        extra_eos = list(extra_eos)
+        if inner.token_to_id(eos_token) is None:  # the format's EOS is not this vocabulary's
+            named = (inner.id_to_token(i) for i in extra_eos)
+            eos_token = next((t for t in named if t is not None), eos_token)
         self.eos_token = eos_token
         self.eos_id = self.token_id(eos_token)
+        # every id that ends generation: the format's EOS and the checkpoint's own (Qwen2.5 lists
+        # <|im_end|> and <|endoftext|>; upstream Search-R1 stops on both)
+        size = self.vocab_size
+        self.stop_ids = frozenset({self.eos_id, *(i for i in extra_eos if 0 <= i < size)})
         self.bos_id = self.token_id(bos_token) if bos_token else None
         self.bos_token = bos_token
         self.chat_template = chat_template
         self._chat = _compile_chat_template(chat_template) if chat_template else None
 
     @classmethod
-    def from_dir(cls, path: str | Path, eos_token: str, bos_token: str | None = None) -> Tokenizer:
+    def from_dir(
+        cls,
+        path: str | Path,
+        eos_token: str,
+        bos_token: str | None = None,
+        extra_eos: Iterable[int] = (),
+    ) -> Tokenizer:
         file = Path(path) / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: a checkpoint needs a tokenizer.json")
@@ -63,7 +79,7 @@ class Tokenizer:
         except Exception as exc:  # the tokenizers library raises a bare Exception
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ValueError(f"{file} is not a valid tokenizer.json: {reason}") from None
-        return cls(inner, eos_token, bos_token, read_chat_template(Path(path)))
+        return cls(inner, eos_token, bos_token, read_chat_template(Path(path)), extra_eos)
 
     @property
     def vocab_size(self) -> int:

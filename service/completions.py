@@ -276,8 +276,8 @@ class PlainCompletion:
             return None
         if chunk.stop_str is not None:
             return chunk.stop_str
-        eos = self.ctx.loop.engine.tokenizer.eos_id
-        return chunk.stop_token if chunk.stop_token != eos else None  # vLLM: None for EOS
+        eos = self.ctx.loop.engine.tokenizer.stop_ids
+        return chunk.stop_token if chunk.stop_token not in eos else None  # vLLM: None for EOS
 
     def _usage(self, state: TextState) -> Usage:
         n, m = len(self.prompt_ids), len(state.ids)

@@ -105,9 +105,15 @@ def write_qwen_style(path: Path, chat_template: str | None) -> Path:
 
 def write_random_qwen2(path: Path, vocab_size: int) -> Path:
     """A randomly initialised 2-layer Qwen2 causal LM saved into `path` (bf16 weights, like the
-    published checkpoints), no agent.json: its tag format must be named by a preset."""
+    published checkpoints), no agent.json: its tag format must be named by a preset. Its EOS ids
+    are Qwen2.5-Instruct's: <|im_end|> in config.json, <|im_end|> and <|endoftext|> in
+    generation_config.json."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = json.loads((path / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    im_end, endoftext = ids["<|im_end|>"], ids["<|endoftext|>"]
 
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -119,6 +125,12 @@ def write_random_qwen2(path: Path, vocab_size: int) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
+        bos_token_id=endoftext,
+        eos_token_id=im_end,
     )
-    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(str(path))
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext
+    )
+    model.save_pretrained(str(path))
     return path

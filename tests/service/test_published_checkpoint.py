@@ -57,3 +57,37 @@ def test_published_checkpoint_dir_is_served_by_naming_its_preset(
         assert choice.finish_reason in ("stop", "length")
         assert reply.usage.prompt_tokens > 100  # the preset's long instruction prompt
         assert 0 < reply.usage.completion_tokens <= 24
+
+
+def test_generation_ends_on_every_eos_the_checkpoint_names(qwen_checkpoint, small_index):
+    """Guards against decoding straight past <|endoftext|> under the search-r1 preset (whose EOS
+    is <|im_end|>): Qwen2.5's generation_config lists both, and upstream Search-R1 stops on
+    both; the embedded engine stopped only on the preset's one."""
+    import asyncio
+
+    from agent.checkpoint import load_format, load_tokenizer
+    from agent.engine import SamplingParams
+    from agent.hf_engine import TransformersEngine
+    from agent.loop import AgentLoop, RunParams
+    from agent.tags import get_format
+    from retrieval.index import load_index
+
+    fmt = get_format("search-r1")
+    tok = load_tokenizer(qwen_checkpoint, fmt)
+    endoftext = tok.token_id("<|endoftext|>")
+    assert tok.stop_ids == {tok.token_id("<|im_end|>"), endoftext}
+    loop = AgentLoop(TransformersEngine(qwen_checkpoint, tok), load_index(small_index), fmt)
+    forced = SamplingParams(max_tokens=8, logit_bias=((endoftext, 100.0),))
+
+    async def run() -> list:
+        prompt = loop.prompt_ids(QUESTION)
+        return [e async for e in loop.run(prompt, RunParams(sampling=forced, max_tokens=8))]
+
+    finished = asyncio.run(run())[-1]
+    assert finished.trajectory.completion_ids == [endoftext]
+    assert finished.reason == "stop"
+    # a format whose EOS string this vocabulary lacks takes the checkpoint's own (Llama releases
+    # named with a Qwen-made preset): the demo checkpoint's is <|eos|>
+    demo = load_tokenizer("artifacts/demo/sft", get_format("search-r1"))
+    assert demo.eos_token == "<|eos|>" and demo.stop_ids == {demo.eos_id}
+    assert load_format(qwen_checkpoint, "search-r1") == fmt
