@@ -125,6 +125,7 @@ class OpenAIEngine:
         body = self._body(prompt_ids, params, stop, stop_ids)
         produced = 0
         last_id: int | None = None
+        text = ""  # the end of the text received
         async with self._post(body) as response:
             try:
                 async with aclosing(_events(response)) as events:
@@ -134,6 +135,7 @@ class OpenAIEngine:
                             continue  # a usage-only chunk
                         choice = choices[0]
                         ids = self._ids(choice)
+                        text = (text + (choice.get("text") or ""))[-_TAIL:]
                         produced += len(ids)
                         last_id = ids[-1] if ids else last_id
                         finish = choice.get("finish_reason")
@@ -141,7 +143,10 @@ class OpenAIEngine:
                             if ids:
                                 yield TokenChunk(ids)
                             continue
-                        yield _final(ids, finish, _stop_reason(choice), last_id, stop_ids)
+                        reason = _stop_reason(choice)
+                        if choice.get("token_ids") is None:  # re-tokenized text: was it trimmed?
+                            ids += self._trimmed_stop(reason, text, last_id)
+                        yield _final(ids, finish, reason, last_id, stop_ids)
                         return
             except httpx.TimeoutException as exc:
                 raise EngineTimeoutError(
@@ -174,6 +179,7 @@ class OpenAIEngine:
             "stop": list(stop.strings),
             "stop_token_ids": sorted(stop_ids),
             "include_stop_str_in_output": True,  # the stop is part of the model's text
+            "no_stop_trim": True,  # the same for SGLang, which trims it (and its id) otherwise
             "skip_special_tokens": False,  # tags are special tokens; the loop must see them
             "spaces_between_special_tokens": False,  # keeps the fallback's text faithful
             "return_token_ids": True,
@@ -237,6 +243,19 @@ class OpenAIEngine:
         finally:
             await response.aclose()  # unread body: httpx drops the connection, the server aborts
 
+    def _trimmed_stop(self, reason: int | str | None, text: str, last_id: int | None) -> list[int]:
+        """The ids of a stop the server matched but left out of its text (a server that ignores
+        both include_stop_str_in_output and no_stop_trim): the tag belongs to the trajectory."""
+        if isinstance(reason, str) and reason and not text.endswith(reason):
+            return self.tokenizer.encode(reason)
+        if (
+            isinstance(reason, int)
+            and reason != last_id
+            and 0 <= reason < self.tokenizer.vocab_size
+        ):
+            return [reason]
+        return []
+
     def _ids(self, choice: dict[str, Any]) -> list[int]:
         ids = choice.get("token_ids")
         if ids is not None:
@@ -297,6 +316,9 @@ async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         if "error" in payload or payload.get("object") == "error":
             raise EngineProtocolError(f"the engine reported an error: {_message_of(payload)}")
         yield payload
+
+
+_TAIL = 256  # characters of received text kept to see whether it ends with the stop string
 
 
 def _stop_reason(choice: dict[str, Any]) -> int | str | None:

@@ -323,6 +323,34 @@ def test_replayed_stream_without_token_ids_falls_back_to_retokenizing(serve_app,
     assert engine.stats.fallback_chunks == len(SAMPLED)
 
 
+def sglang_frame(text: str, finish: str | None = None, matched=None) -> str:
+    """An SGLang /v1/completions stream frame: no token ids; `matched_stop` names the stop."""
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if finish is not None:
+        choice["matched_stop"] = matched
+    return "data: " + json.dumps({"id": "1", "object": "text_completion", "choices": [choice]})
+
+
+@pytest.mark.parametrize("matched", [" born", 4])
+def test_a_stop_the_server_trimmed_from_its_text_is_put_back(serve_app, tok, matched):
+    """Guards against SGLang losing every closing tag: it trims a matched stop string (and a
+    matched stop token) from its text unless asked not to, so re-tokenized trajectories lacked
+    the tag the model wrote and the next round's context was malformed."""
+    frames = [sglang_frame(" Gal Borin"), sglang_frame(" was", "stop", matched), "data: [DONE]"]
+    replay = Replay(frames)
+    stop = StopSpec(frozenset({4}), (" born",))
+    _, chunks = replay_run(serve_app, replay, tok, stop)
+    assert replay.bodies[0]["no_stop_trim"] is True  # SGLang's switch; vLLM ignores it
+    ids = [i for c in chunks for i in c.ids]
+    trimmed = tok.encode(" born") if isinstance(matched, str) else [matched]
+    assert ids == tok.encode(" Gal Borin") + tok.encode(" was") + trimmed
+    assert finish(chunks[-1])[0] == "stop"
+    # a server that kept the stop in its text (no_stop_trim honoured) gets nothing added
+    kept = [sglang_frame(" Gal Borin"), sglang_frame(" was born", "stop", " born"), "data: [DONE]"]
+    _, chunks = replay_run(serve_app, Replay(kept), tok, stop)
+    assert [i for c in chunks for i in c.ids] == tok.encode(" Gal Borin") + tok.encode(" was born")
+
+
 def test_fallback_is_not_token_exact_when_a_stop_string_ends_inside_a_token(serve_app, tok):
     """Documents the fallback's limit: with token_ids the whole stopping token (467) comes back;
     re-tokenizing the cut text " birthplac" gives other ids. Both report the stop string."""
