@@ -39,14 +39,19 @@ class TagFormat:
     docs_template: str = "{open}{documents}{close}"
     chat: bool = False  # True: the prompt is one user turn through the checkpoint's chat template
     doc_separator: str = ""  # between rendered passages (Search-R1 joins them with newlines)
+    question_mark: bool = False  # the question ends in "?" (one is added), as in training
+    top_k: int | None = None  # passages per search the checkpoint was trained with, if known
 
     def __post_init__(self) -> None:
         """A format read from a checkpoint's agent.json is checked here, once, so a wrong type or
         a template naming an unknown field fails at load (ValueError), not at the first request."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("tags_are_tokens", "chat"):
+            if f.name in ("tags_are_tokens", "chat", "question_mark"):
                 ok, kind = isinstance(value, bool), "true or false"
+            elif f.name == "top_k":
+                positive = isinstance(value, int) and not isinstance(value, bool) and value > 0
+                ok, kind = value is None or positive, "a positive integer or null"
             else:
                 ok, kind = isinstance(value, str) or (f.name == "bos" and value is None), "a string"
             if not ok:
@@ -83,7 +88,10 @@ class TagFormat:
         )
 
     def prompt(self, question: str) -> str:
-        return self.prompt_template.format(question=" ".join(question.split()))
+        question = " ".join(question.split())
+        if self.question_mark and question and not question.endswith("?"):
+            question += "?"
+        return self.prompt_template.format(question=question)
 
     def documents_block(self) -> tuple[str, str]:
         """The text injected before and after the rendered documents."""
@@ -180,6 +188,7 @@ R1_SEARCHER = TagFormat(
     eos="<|endoftext|>",
     tags_are_tokens=False,
     docs_template="\n\n{open}\n{documents}{close}\n\n",
+    top_k=5,  # every documents block of its published eval traces holds 5 passages
 )
 
 # Search-R1 (PeterGriffinJin/Search-R1), for its Qwen2.5 instruct checkpoints (e.g.
@@ -223,6 +232,8 @@ SEARCH_R1 = TagFormat(
     eos="<|im_end|>",
     tags_are_tokens=False,
     docs_template="\n\n{open}{documents}{close}\n\n",
+    question_mark=True,  # infer.py and nq_search.py append "?" when the question lacks one
+    top_k=3,  # its retriever's topk
     chat=True,
     doc_separator="\n",
 )

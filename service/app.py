@@ -34,6 +34,7 @@ from service.routes import router
 from service.settings import Settings
 
 log = logging.getLogger("searchagent.service")
+DEFAULT_TOP_K = 3  # passages per search when neither the settings nor the tag format say
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -58,7 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.drain = drain
     app.state.retrieval = RetrievalContext(
         retriever,
-        default_k=settings.top_k,
+        default_k=settings.top_k or DEFAULT_TOP_K,
         max_k=settings.max_retrieve_k,
         max_queries=settings.max_retrieve_queries,
         max_query_chars=settings.max_query_chars,
@@ -134,7 +135,7 @@ def _load_chat(
         max_searches=settings.max_searches,
         max_tokens=settings.max_tokens,
         max_context=min(settings.max_context, max_context or settings.max_context),
-        top_k=settings.top_k,
+        top_k=settings.top_k or fmt.top_k or DEFAULT_TOP_K,
         retrieval_timeout_s=settings.retrieval_timeout_s,
         deadline_s=settings.deadline_s,
     )

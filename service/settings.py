@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     max_searches: int = Field(default=8, ge=0)
     max_tokens: int = Field(default=512, ge=1)
     max_context: int = Field(default=2048, ge=16)
-    top_k: int = Field(default=3, ge=1, le=50)
+    # passages per search; unset: the tag format's own (r1-searcher 5, search-r1 3), else 3
+    top_k: int | None = Field(default=None, ge=1, le=50)
     retrieval_timeout_s: float = Field(default=10.0, gt=0)
     deadline_s: float = Field(default=300.0, gt=0)  # a whole agent run
 

@@ -91,3 +91,18 @@ def test_generation_ends_on_every_eos_the_checkpoint_names(qwen_checkpoint, smal
     demo = load_tokenizer("artifacts/demo/sft", get_format("search-r1"))
     assert demo.eos_token == "<|eos|>" and demo.stop_ids == {demo.eos_id}
     assert load_format(qwen_checkpoint, "search-r1") == fmt
+
+
+def test_passages_per_search_follow_the_preset_unless_set(qwen_checkpoint, small_index):
+    """Guards against R1-Searcher's checkpoint being served 3 passages per search (it was
+    trained and evaluated with 5) when the operator did not choose a number."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    def limits(**given):
+        settings = Settings(model=qwen_checkpoint, index=small_index, **given)
+        return create_app(settings).state.chat.loop.limits.top_k
+
+    assert limits(tag_format="r1-searcher") == 5
+    assert limits(tag_format="search-r1") == 3
+    assert limits(tag_format="r1-searcher", top_k=2) == 2
