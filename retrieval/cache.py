@@ -3,10 +3,11 @@
 - `MemoryCache`: in-process LRU with a per-entry TTL; the embedded default.
 - `RedisCache`: shared by service replicas; values are JSON (never pickle). Every Redis error is
   counted in `errors`, logged (at most one warning per 10 s) and turned into a miss or a skipped
-  write: a cache failure never fails a request.
+  write: a cache failure never fails a request. A Redis that times out is skipped for a cool-down
+  (a circuit breaker), so a paused or overloaded Redis costs one timeout, not one per request.
 - `CachedRetriever`: one `get_many` for a batch, one `inner.search` for its misses, one `set_many`
   for the results; duplicate queries in a batch and identical misses in concurrent calls collapse
-  into one backend search (single-flight).
+  into one backend search (single-flight). Entries are `[id, title, text, score]` rows.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from retrieval.types import Cache, Passage, Retriever
 
@@ -33,6 +35,9 @@ log = logging.getLogger(__name__)
 
 _WARN_EVERY_S = 10.0
 _Pending = asyncio.Future[list[Passage]]  # one in-flight backend search for one cache key
+# Part of every cache key: bump it when the stored value's shape changes, so entries written in the
+# old shape (v1: one `asdict(Passage)` per passage) are misses instead of being misread.
+_FORMAT = "rows/2"
 
 
 def _check_ttl(ttl_s: float | None) -> None:
@@ -78,28 +83,46 @@ class MemoryCache:
 
 
 class RedisCache:
-    """Redis-backed cache: `MGET` to read, one pipeline of `SET key value EX ttl` to write."""
+    """Redis-backed cache: `MGET` to read, one pipeline of `SET key value EX ttl` to write.
 
-    def __init__(self, url: str, prefix: str = "searchagent:", socket_timeout_s: float = 0.25):
+    Circuit breaker: after an operation times out, Redis is not asked again for `cooldown_s`;
+    every operation skipped meanwhile counts in `errors` and is a miss (or an unwritten entry).
+    Then one operation probes Redis while the others keep skipping it, and its outcome closes the
+    breaker or opens it again. Fast failures (connection refused, a reset) cost no waiting and do
+    not open it, so a restarted Redis is used again at once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "searchagent:",
+        socket_timeout_s: float = 0.25,
+        cooldown_s: float = 1.0,
+    ):
+        if not cooldown_s >= 0:
+            raise ValueError(f"cooldown_s must be >= 0, got {cooldown_s!r}")
         self.prefix = prefix
+        self.cooldown_s = cooldown_s
         self.errors = 0
         self._last_warning = -math.inf
-        # Fail fast: one immediate retry (a pooled connection may be stale after a Redis restart),
+        self._open_until = -math.inf  # `time.monotonic()` until which Redis is skipped
+        self._probing = False  # the cool-down is over and one operation is trying Redis
+        # Fail fast: one immediate retry on a connection error (a pooled connection may be stale
+        # after a Redis restart), none on a timeout (a Redis that just made us wait will again),
         # not redis-py's default of 3 retries with exponential backoff.
         self._client = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 1),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
 
     async def get_many(self, keys: list[str]) -> list[Any | None]:
         if not keys:
             return []
-        try:
-            raw = await self._client.mget([self.prefix + key for key in keys])
-        except (RedisError, OSError) as exc:
-            self._failed("MGET", exc)
+        names = [self.prefix + key for key in keys]
+        raw = await self._guarded("MGET", lambda: self._client.mget(names))
+        if raw is None:
             return [None] * len(keys)
         return [self._decode(value) for value in raw]
 
@@ -110,16 +133,37 @@ class RedisCache:
             return
         ex = None if ttl_s is None else math.ceil(ttl_s)
         encoded = {self.prefix + k: json.dumps(v, separators=(",", ":")) for k, v in items.items()}
-        try:
+
+        async def write() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, value in encoded.items():
                     pipe.set(key, value, ex=ex)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed("SET", exc)
+                return await pipe.execute()
+
+        await self._guarded("SET", write)
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def _guarded(self, op: str, call: Callable[[], Awaitable[Any]]) -> Any | None:
+        """`await call()` through the circuit breaker; `None` when skipped or failed."""
+        if self._probing or time.monotonic() < self._open_until:
+            self.errors += 1  # bypassed, as a failure would be, but without the wait
+            return None
+        probe = self._open_until > -math.inf
+        self._probing = probe
+        try:
+            result = await call()
+        except (RedisError, OSError) as exc:
+            timed_out = isinstance(exc, (RedisTimeoutError, TimeoutError))
+            self._open_until = time.monotonic() + self.cooldown_s if timed_out else -math.inf
+            self._failed(op, exc)
+            return None
+        finally:
+            if probe:
+                self._probing = False
+        self._open_until = -math.inf
+        return result
 
     def _decode(self, value: bytes | None) -> Any | None:
         if value is None:
@@ -135,9 +179,11 @@ class RedisCache:
         now = time.monotonic()
         if now - self._last_warning >= _WARN_EVERY_S:
             self._last_warning = now
+            skip = self._open_until - now
             log.warning(
-                "redis cache %s failed, bypassing the cache (%s: %s; %d errors so far)",
+                "redis cache %s failed, bypassing the cache%s (%s: %s; %d errors so far)",
                 op,
+                f" for {skip:.1f} s" if skip > 0 else "",
                 type(exc).__name__,
                 exc,
                 self.errors,
@@ -154,8 +200,9 @@ class CachedRetriever:
 
     `hits` counts distinct queries of a call answered without a backend search of its own (from
     the cache, or by joining another call's in-flight search); `misses` counts those searched.
-    The backend is asked for the normalized query, so every spelling that shares a cache key also
-    shares the same result.
+    Keys use the normalized query, but the backend is asked for the query as written (stripped,
+    runs of whitespace collapsed): a cased backend (web search, a cased encoder) sees the case the
+    user wrote. Spellings that share a key share the result of whichever was searched first.
     """
 
     def __init__(self, inner: Retriever, cache: Cache, namespace: str, ttl_s: float | None = None):
@@ -176,14 +223,16 @@ class CachedRetriever:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def key(self, query: str, k: int) -> str:
-        payload = json.dumps([self.namespace, k, normalize_query(query)])
+        payload = json.dumps([_FORMAT, self.namespace, k, normalize_query(query)])
         return hashlib.sha256(payload.encode()).hexdigest()
 
     async def search(self, queries: list[str], k: int) -> list[list[Passage]]:
         if not queries:
             return []
         keys = [self.key(q, k) for q in queries]
-        unique = {key: normalize_query(q) for key, q in zip(keys, queries, strict=True)}
+        unique: dict[str, str] = {}  # key -> the first spelling of it, which is what is searched
+        for key, query in zip(keys, queries, strict=True):
+            unique.setdefault(key, " ".join(query.split()))
         waiting = {key: self._inflight[key] for key in unique if key in self._inflight}
         lookup = [key for key in unique if key not in waiting]
         found: dict[str, list[Passage]] = {}
@@ -234,7 +283,7 @@ class CachedRetriever:
             for key, passages in zip(misses, results, strict=True):
                 futures[key].set_result(passages)
             # Stay in-flight until stored, so a call arriving meanwhile joins instead of searching.
-            stored = {key: [asdict(p) for p in r] for key, r in zip(misses, results, strict=True)}
+            stored = {key: _rows(r) for key, r in zip(misses, results, strict=True)}
             await self._cache_set(stored)
         finally:
             for key, future in futures.items():
@@ -259,11 +308,22 @@ class CachedRetriever:
             log.warning("cache set_many failed; results not cached", exc_info=True)
 
 
+def _rows(passages: list[Passage]) -> list[tuple[str, str, str, float]]:
+    """What is cached for one query: a row per passage (no `asdict`, which deep-copies each)."""
+    return [(p.id, p.title, p.text, p.score) for p in passages]
+
+
 def _decode(value: Any) -> list[Passage] | None:
-    """A cached list of passage dicts back into `Passage`s; anything malformed is a miss."""
-    if not isinstance(value, list):
+    """Cached rows (lists once through JSON) back into `Passage`s; anything malformed is a miss."""
+    if not isinstance(value, list | tuple):
         return None
-    try:
-        return [Passage(str(d["id"]), d["title"], d["text"], float(d["score"])) for d in value]
-    except (TypeError, KeyError, ValueError):
-        return None
+    passages = []
+    for row in value:
+        if not isinstance(row, list | tuple) or len(row) != 4:
+            return None
+        doc_id, title, text, score = row
+        try:
+            passages.append(Passage(str(doc_id), title, text, float(score)))
+        except (TypeError, ValueError):
+            return None
+    return passages

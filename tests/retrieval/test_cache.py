@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
+import time
 import uuid
 
 import pytest
@@ -25,6 +28,7 @@ PEOPLE = [
             ("Dov Tarn", "architect", "Norvik"),
             ("Elsa Quill", "composer", "Palm Harbor"),
             ("Fenn Oort", "painter", "Estermoor"),
+            ("Niros Lethzifei", "glassblower", "Varn"),
         ]
     )
 ]
@@ -111,7 +115,7 @@ def test_second_call_is_a_hit_and_skips_the_backend(bm25):
         second = await cached.search(["  cira   MOLL "], 3)  # same normalized query
         assert first == second == await bm25.search(["cira moll"], 3)
         assert first[0][0].id == "p2"
-        assert inner.queries == [["cira moll"]]
+        assert inner.queries == [["Cira Moll"]]  # the first spelling, as written
         assert (cached.hits, cached.misses) == (1, 1)
         await cached.search(["Cira Moll"], 2)  # k is part of the key
         assert len(inner.calls) == 2
@@ -129,7 +133,7 @@ def test_misses_only_are_searched_in_one_call_and_order_is_kept(bm25):
         await cached.search(["Dov Tarn"], 2)
         results = await cached.search(["Ada Lind", "Dov Tarn", "Fenn Oort"], 2)
         assert [r[0].id for r in results] == ["p0", "p3", "p5"]
-        assert inner.queries == [["dov tarn"], ["ada lind", "fenn oort"]]
+        assert inner.queries == [["Dov Tarn"], ["Ada Lind", "Fenn Oort"]]
 
     asyncio.run(main())
 
@@ -142,7 +146,7 @@ def test_duplicate_queries_in_a_batch_are_searched_once(bm25):
         cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
         results = await cached.search(["Ada Lind", "Borin Kask", "ADA LIND", "ada lind"], 2)
         assert [r[0].id for r in results] == ["p0", "p1", "p0", "p0"]
-        assert inner.queries == [["ada lind", "borin kask"]]
+        assert inner.queries == [["Ada Lind", "Borin Kask"]]
         assert cached.misses == 2
 
     asyncio.run(main())
@@ -163,7 +167,50 @@ def test_concurrent_identical_misses_make_one_backend_call(bm25):
         r1, r2 = await asyncio.gather(first, second)
         assert r1[0][0].id == r2[0][0].id == "p4"
         assert r2[1][0].id == "p0"
-        assert inner.queries == [["elsa quill"], ["ada lind"]]
+        assert inner.queries == [["Elsa Quill"], ["Ada Lind"]]
+
+    asyncio.run(main())
+
+
+def test_backend_is_asked_the_query_as_written_and_keyed_on_the_normalized_one(bm25):
+    """Guards against the backend being sent the lower-cased, whitespace-collapsed cache key
+    ("niros lethzifei") instead of what the caller wrote: a cased backend (web search, a cased
+    encoder) loses the case. Spellings still share one key, one in-flight search and one entry."""
+
+    async def main():
+        inner = GatedRetriever(bm25)
+        cached = CachedRetriever(inner, MemoryCache(), namespace="fp:bm25")
+        first = asyncio.create_task(cached.search(["  Niros \t LETHZIFEI ", "Ada Lind"], 2))
+        second = asyncio.create_task(cached.search(["niros lethzifei"], 2))  # joins the first
+        await inner.entered.wait()
+        inner.gate.set()
+        r1, r2 = await asyncio.gather(first, second)
+        assert inner.queries == [["Niros LETHZIFEI", "Ada Lind"]]
+        assert r1[0] == r2[0] and r1[0][0].id == "p6"
+        await cached.drain()
+        assert (await cached.search(["NIROS  lethzifei"], 2))[0][0].id == "p6"  # a cache hit
+        assert len(inner.calls) == 1
+
+    asyncio.run(main())
+
+
+def test_entries_are_compact_rows_under_a_versioned_key(bm25):
+    """Guards against storing each passage through `dataclasses.asdict` (a recursive deep copy
+    per passage, ~20x slower than building a row), and against misreading an entry of another
+    shape (the v1 dict per passage) instead of treating it as a miss."""
+
+    async def main():
+        cache = MemoryCache()
+        inner = CountingRetriever(bm25)
+        cached = CachedRetriever(inner, cache, namespace="fp:bm25")
+        [want] = await cached.search(["Elsa Quill"], 2)
+        await cached.drain()
+        [rows] = await cache.get_many([cached.key("Elsa Quill", 2)])
+        assert [list(row) for row in rows] == [[p.id, p.title, p.text, p.score] for p in want]
+        v1 = [{"id": p.id, "title": p.title, "text": p.text, "score": p.score} for p in want]
+        await cache.set_many({cached.key("Elsa Quill", 2): v1})
+        assert await cached.search(["Elsa Quill"], 2) == [want]  # a miss: searched again
+        assert len(inner.calls) == 2
 
     asyncio.run(main())
 
@@ -277,6 +324,52 @@ def test_dead_redis_means_misses_not_failures(bm25):
         assert top.id == "p3"
         await cached.drain()  # results are returned before the cache write finishes
         assert cache.errors == 4  # one failed MGET, one failed SET pipeline
+        await cache.aclose()
+
+    asyncio.run(main())
+
+
+def test_paused_redis_costs_one_timeout_then_is_skipped_for_the_cooldown(redis_server, bm25):
+    """Guards against a slow or paused Redis (SIGSTOP) adding a timeout — twice, with redis-py
+    retrying it — to every search: after one timeout the cache is skipped (each skip counted as an
+    error) for the cool-down, one probe then tries Redis while other calls keep skipping it, and
+    once Redis answers again its entries are hits."""
+    timeout_s, cooldown_s = 0.3, 1.0
+
+    async def main():
+        cache = RedisCache(
+            redis_server.url, f"test:{uuid.uuid4().hex}:", timeout_s, cooldown_s=cooldown_s
+        )
+        inner = CountingRetriever(bm25)
+        cached = CachedRetriever(inner, cache, namespace="fp:bm25", ttl_s=60)
+        want = await cached.search(["Ada Lind"], 2)
+        await cached.drain()  # stored while Redis was well
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            assert await cached.search(["Ada Lind"], 2) == want  # MGET timed out: a miss
+            start = time.monotonic()
+            for i in range(10):  # distinct keys: a repeated one would join the pending write
+                [[top, *_]] = await cached.search([f"Ada Lind {i}"], 2)
+                assert top.id == "p0"
+            await cached.drain()
+            elapsed = time.monotonic() - start
+            assert elapsed < 2 * timeout_s, f"10 searches took {elapsed:.2f} s"  # not 10 timeouts
+            assert cache.errors == 22  # 1 MGET timed out; 1 SET + 10 MGET + 10 SET skipped
+            assert len(inner.calls) == 12  # the cache was bypassed, not answered from
+
+            await asyncio.sleep(cooldown_s)  # cool-down over, Redis still paused
+            probe = asyncio.create_task(cached.search(["Ada Lind"], 2))
+            other = asyncio.create_task(cached.search(["Ada Lind"], 2))
+            done, _ = await asyncio.wait({probe, other}, return_when=asyncio.FIRST_COMPLETED)
+            assert done == {other}  # skipped Redis while the probe waited on it
+            assert await probe == want  # the probe timed out: the breaker is open again
+            await cached.drain()
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(cooldown_s)
+        errors, calls = cache.errors, len(inner.calls)
+        assert await cached.search(["Ada Lind"], 2) == want
+        assert (cached.hits, len(inner.calls), cache.errors) == (1, calls, errors)  # a hit again
         await cache.aclose()
 
     asyncio.run(main())
