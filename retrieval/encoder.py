@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import threading
 import warnings
@@ -42,6 +43,14 @@ RUNTIMES = ("auto", "onnx", "torch")
 _ONNX_TOLERANCE = 1e-4  # largest difference from torch's unit vectors accepted on the probe
 _PROBE = ["probe", "a longer probe sentence, so that the batch needs padding"]
 _CHECK = ["x", "a third text, longer than both of the texts the export was traced with", "mid"]
+# what transformers loads, in its order of preference (sharded weights: the index names shards)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (file, size, mtime_ns) -> sha256
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,36 @@ def default_encoder_path() -> Path:
 def config_sha256(path: str | PathLike[str]) -> str:
     """sha256 of the encoder's `config.json`: names the architecture an index was built with."""
     return hashlib.sha256((Path(path) / "config.json").read_bytes()).hexdigest()
+
+
+def weights_sha256(path: str | PathLike[str]) -> str:
+    """sha256 of the weights `AutoModel.from_pretrained` loads from `path`: of the file itself
+    (`sha256sum model.safetensors` prints the same), or for sharded weights of the lines
+    "name sha256" of the index file and each shard. A fine-tuned encoder has the same config but
+    other weights. Digests are kept per (file, size, mtime) for the process: ~0.2 s per 90 MB."""
+    path = Path(path)
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            break
+    else:
+        raise FileNotFoundError(f"encoder directory {path} has no weights ({WEIGHT_FILES[0]})")
+    if not name.endswith(".index.json"):
+        return _file_sha256(path / name)
+    try:
+        shards = sorted(set(json.loads((path / name).read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path / name} is not a weights index: {exc}") from None
+    lines = [f"{n} {_file_sha256(path / n)}\n" for n in (name, *shards)]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _file_sha256(file: Path) -> str:
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        with file.open("rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _DIGESTS[key]
 
 
 class Encoder:
@@ -106,6 +145,7 @@ class Encoder:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ValueError(f"cannot load an encoder from {path}: {reason}") from None
         self._model = model.to(self.device).eval()
+        self.weights_sha256 = weights_sha256(path)
         self._lock = threading.Lock()
         self._onnx: Any = None  # an onnxruntime.InferenceSession once `_use_onnx` succeeds
         self._onnx_inputs: list[str] = []
@@ -175,6 +215,7 @@ class Encoder:
         return {
             "name": self.path.name,
             "config_sha256": self.config_sha256,
+            "weights_sha256": self.weights_sha256,
             "query_prefix": self.query_prefix,
             "passage_prefix": self.passage_prefix,
             "max_length": self.max_length,

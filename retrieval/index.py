@@ -17,9 +17,12 @@ passage embeddings). "hybrid": `index.json` over two sub-indexes without manifes
 The manifest's `fingerprint` = sha256(corpus bytes + kind + params) names the index's content:
 caches key on it, so rebuilding from a changed corpus or with other params never serves stale hits.
 For dense and hybrid indexes the params record the FAISS index (kind, m/ef or nlist/nprobe) and the
-encoder: its directory name, the sha256 of its config.json, prefixes, max_length, pooling and
-dimension. Where the encoder lives (`encoder_path`) is recorded beside the params, outside the
-fingerprint: moving a virtualenv does not change what an index returns. `load_index` wraps the
+encoder: its directory name, the sha256 of its config.json and of its weights, prefixes,
+max_length, pooling and dimension. Where the encoder lives (`encoder_path`) is recorded beside the
+params, outside the fingerprint: moving a virtualenv does not change what an index returns. At
+load the encoder is identified by its weights and config, never by its directory's name (a
+renamed copy loads, a fine-tuned one with the same config does not); indexes built before the
+weights were recorded skip that comparison. `load_index` wraps the
 dense part in a `BatchingRetriever`, so concurrent queries share one encoder/FAISS call.
 """
 
@@ -81,6 +84,7 @@ def build_index(
     faiss_kind: str = "flat",
     query_prefix: str = "",
     passage_prefix: str = "",
+    max_length: int | None = None,
     **params: Any,
 ) -> Path:
     """Index `corpus_path` into `out_dir`: new, empty, or an earlier index, which the new one
@@ -89,22 +93,27 @@ def build_index(
 
     `params` go to the backends: k1/b to BM25, k_rrf/depth to the fusion of a hybrid index, the
     rest (m, ef_construction, ef_search, nlist, nprobe) to `DenseRetriever.build`. The encoder
-    defaults to the bundled all-MiniLM-L6-v2 (`retrieval.encoder.default_encoder_path`).
+    defaults to the bundled all-MiniLM-L6-v2 (`retrieval.encoder.default_encoder_path`);
+    `max_length` (its tokens per text, default 256) is recorded and used again at load.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; known: {list(KINDS)}")
     dense_only = encoder_path is not None or query_prefix or passage_prefix or faiss_kind != "flat"
-    if kind == "bm25" and dense_only:
-        raise ValueError("encoder_path, faiss_kind and prefixes apply to dense and hybrid indexes")
+    if kind == "bm25" and (dense_only or max_length is not None):
+        raise ValueError(
+            "encoder_path, faiss_kind, prefixes and max_length apply to dense and hybrid indexes"
+        )
+    encoder_args = {"query_prefix": query_prefix, "passage_prefix": passage_prefix}
+    if max_length is not None:
+        encoder_args["max_length"] = max_length
     corpus_path, out_dir = Path(corpus_path), Path(out_dir)
     if not corpus_path.is_file():
         what = "a directory, not a corpus file" if corpus_path.is_dir() else "not found"
         raise FileNotFoundError(f"corpus {corpus_path}: {what}")
     with staged_dir(out_dir, MANIFEST, "index") as work:
         _write_index(
-            corpus_path, work, kind, show_progress, encoder_path, faiss_kind, query_prefix,
-            passage_prefix, params,
-        )  # fmt: skip
+            corpus_path, work, kind, show_progress, encoder_path, faiss_kind, encoder_args, params
+        )
     return out_dir
 
 
@@ -115,8 +124,7 @@ def _write_index(
     show_progress: bool,
     encoder_path: str | PathLike[str] | None,
     faiss_kind: str,
-    query_prefix: str,
-    passage_prefix: str,
+    encoder_args: dict[str, Any],
     params: dict[str, Any],
 ) -> None:
     extra: dict[str, Any] = {}
@@ -129,7 +137,7 @@ def _write_index(
         from retrieval.encoder import Encoder, default_encoder_path
 
         path = Path(encoder_path) if encoder_path is not None else default_encoder_path()
-        encoder = Encoder(path, query_prefix=query_prefix, passage_prefix=passage_prefix)
+        encoder = Encoder(path, **encoder_args)
         passages = read_corpus(corpus_path)
         split = _split_params(kind, params)
         dense = DenseRetriever.build(
@@ -241,23 +249,31 @@ def _load_encoder(
     encoder_path: str | PathLike[str] | None,
 ) -> Encoder:
     """The encoder the index was built with, or `IndexLoadError` saying why not."""
-    from retrieval.encoder import Encoder, config_sha256, default_encoder_path
+    from retrieval.encoder import Encoder, config_sha256, default_encoder_path, weights_sha256
 
     recorded = params.get("encoder")
     if not isinstance(recorded, dict) or any(
         not isinstance(recorded.get(f), t) for f, t in _ENCODER_FIELDS.items()
     ):
         raise _error(index_dir, f"corrupt {MANIFEST}: params.encoder missing or malformed")
+    want = recorded.get("weights_sha256")  # absent from indexes built before it was recorded
+    if want is not None and not isinstance(want, str):
+        raise _error(index_dir, f"corrupt {MANIFEST}: params.encoder.weights_sha256 not a string")
+    built_with = f"{recorded['name']} at {manifest.get('encoder_path', '?')}"
+    if want is not None:
+        built_with += f", weights sha256 {want[:12]}"
+    hint = f"pass --encoder DIR (SEARCHAGENT_ENCODER), the encoder it was built with ({built_with})"
     path = Path(encoder_path or manifest.get("encoder_path") or recorded["name"])
     if encoder_path is None and not path.is_dir():
         try:  # the index was built elsewhere (another venv): the bundled encoder, if the same
             default = default_encoder_path()
-            if config_sha256(default) == recorded["config_sha256"]:
+            same = config_sha256(default) == recorded["config_sha256"]
+            if same and (want is None or weights_sha256(default) == want):
                 path = default
-        except OSError:
+        except (OSError, ValueError):
             pass
     if not (path / "config.json").is_file():
-        raise _error(index_dir, f"encoder directory {path} not found (pass encoder_path=...)")
+        raise _error(index_dir, f"encoder directory {path} not found; {hint}")
     encoder = _guarded(
         index_dir,
         lambda: Encoder(
@@ -271,14 +287,20 @@ def _load_encoder(
         raise _error(
             index_dir,
             f"embedding dimension mismatch: encoder {path} embeds into {encoder.dim} dimensions, "
-            f"the index holds {recorded['dim']}-dimensional vectors",
+            f"the index holds {recorded['dim']}-dimensional vectors; {hint}",
         )
     if encoder.config_sha256 != recorded["config_sha256"]:
         raise _error(
             index_dir,
             f"encoder {path} is not the one the index was built with "
             f"(config.json sha256 {encoder.config_sha256[:12]}, "
-            f"index has {recorded['config_sha256'][:12]})",
+            f"index has {recorded['config_sha256'][:12]}); {hint}",
+        )
+    if want is not None and encoder.weights_sha256 != want:  # fine-tuned: same config and width
+        raise _error(
+            index_dir,
+            f"encoder {path} is not the one the index was built with (its weights sha256 is "
+            f"{encoder.weights_sha256[:12]}); {hint}",
         )
     return encoder
 
@@ -318,8 +340,11 @@ def _check_backend(
         raise _error(
             index_dir, f"{MANIFEST} says {manifest['n_passages']} passages, files {len(backend)}"
         )
-    if backend.params != params:
-        raise _error(index_dir, f"params differ: {MANIFEST} has {params}, files {backend.params}")
+    found = backend.params
+    if "encoder" in found:  # `_load_encoder` checked it: weights, config, dimension, not its name
+        found = {**found, "encoder": params.get("encoder")}
+    if found != params:
+        raise _error(index_dir, f"params differ: {MANIFEST} has {params}, files {found}")
 
 
 def read_manifest(index_dir: str | PathLike[str]) -> dict[str, Any]:

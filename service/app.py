@@ -63,6 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
         max_k=settings.max_retrieve_k,
         max_queries=settings.max_retrieve_queries,
         max_query_chars=settings.max_query_chars,
+        max_passages=settings.max_retrieve_passages,
+        blank_queries=metrics.blank_queries,
     )
     app.state.chat = _load_chat(settings, metrics, retriever, closers) if settings.model else None
     app.state.ready = False
@@ -95,14 +97,18 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def build_retriever(settings: Settings, metrics: Metrics) -> tuple[CachedRetriever, list]:
-    """The configured backend, timed by backend label and wrapped in the cache; plus what must
-    be closed at shutdown."""
+def build_retriever(settings: Settings, metrics: Metrics) -> tuple[Retriever, list]:
+    """The configured backend, timed by backend label and wrapped in the cache (none when
+    `cache_size` is 0 and there is no Redis); plus what must be closed at shutdown."""
     closers = []
     if settings.retriever == "remote":
         assert settings.retriever_url is not None  # Settings checked it
+        key = settings.retriever_api_key
         backend: Retriever = RemoteRetriever(
-            settings.retriever_url, settings.retriever_api, timeout_s=settings.retrieval_timeout_s
+            settings.retriever_url,
+            settings.retriever_api,
+            timeout_s=settings.retrieval_timeout_s,
+            headers={"Authorization": f"Bearer {key.get_secret_value()}"} if key else None,
         )
         closers.append(backend.aclose)
         label = "remote"
@@ -110,16 +116,22 @@ def build_retriever(settings: Settings, metrics: Metrics) -> tuple[CachedRetriev
     else:
         assert settings.index is not None
         part = None if settings.retriever == "index" else settings.retriever
-        backend = load_index(settings.index, part=part)
         manifest = read_manifest(settings.index)
         label = part or manifest["kind"]
+        if settings.encoder is not None and label == "bm25":
+            raise ValueError(
+                f"an encoder (--encoder) applies to a dense or hybrid index; "
+                f"{settings.index} is searched with bm25"
+            )
+        backend = load_index(settings.index, part=part, encoder_path=settings.encoder)
         namespace = f"{manifest['fingerprint']}:{label}"
+    timed = metrics.timed(backend, label)
+    if not settings.redis_url and settings.cache_size == 0:
+        return timed, closers
     cache: Cache = (
         RedisCache(settings.redis_url) if settings.redis_url else MemoryCache(settings.cache_size)
     )
-    cached = CachedRetriever(
-        metrics.timed(backend, label), cache, namespace=namespace, ttl_s=settings.cache_ttl_s
-    )
+    cached = CachedRetriever(timed, cache, namespace=namespace, ttl_s=settings.cache_ttl_s)
     metrics.watch_cache(cached)
     return cached, closers
 

@@ -3,9 +3,12 @@ training code and `index build` never loads torch.
 
   searchagent serve --model DIR --index DIR [--retriever KIND --redis-url URL --host H --port P]
                    [--engine openai --engine-url URL [--engine-model NAME]]   (remote vLLM/SGLang)
+                   [--encoder DIR]   (a dense index's encoder, moved since the build)
   searchagent retrieve-serve --index DIR [--retriever KIND --redis-url URL --host H --port P]
   searchagent index build --corpus FILE --out DIR [--kind bm25|dense|hybrid]
+                   [--encoder DIR --faiss hnsw --hnsw-m N --ef-search N --bm25-k1 X ...]
   searchagent eval --model DIR --index DIR --data FILE.jsonl [--mode M] [--limit N] [--json]
+                   [--max-context N --max-tokens N --top-k K --format F]
   searchagent eval --predictions FILE.jsonl [--format r1-searcher] [--json]   (no model)
   searchagent train sft --out DIR [--worlds N --per-world N --steps N]
   searchagent train sft --init DIR --data FILE --out DIR   (distil a retro dataset)
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -100,6 +104,7 @@ def _run_server(args: argparse.Namespace, overrides: dict, with_model: bool) -> 
         "retriever": args.retriever,
         "retriever_url": args.retriever_url,
         "retriever_api": args.retriever_api,
+        "encoder": args.encoder,
         "api_keys": args.api_key,
         "cors_origins": args.cors_origin,
         "max_running_requests": args.max_running_requests,
@@ -163,6 +168,22 @@ def _check_address(host: str, port: int) -> None:
         _fail(f"cannot listen on {host}:{port}: {reason}")
 
 
+# `index build` flags passed to `build_index` as params: (flag, param, the kinds/FAISS kinds
+# it applies to); the dense ones are FAISS's (retrieval/dense.py), k1/b BM25's, k_rrf/depth the
+# hybrid fusion's
+_BUILD_PARAMS = (
+    ("--hnsw-m", "m", "hnsw"),
+    ("--ef-construction", "ef_construction", "hnsw"),
+    ("--ef-search", "ef_search", "hnsw"),
+    ("--nlist", "nlist", "ivf"),
+    ("--nprobe", "nprobe", "ivf"),
+    ("--bm25-k1", "k1", "bm25"),
+    ("--bm25-b", "b", "bm25"),
+    ("--rrf-k", "k_rrf", "hybrid"),
+    ("--fusion-depth", "depth", "hybrid"),
+)
+
+
 def _index_build(args: argparse.Namespace) -> None:
     from retrieval.index import build_index
 
@@ -171,18 +192,57 @@ def _index_build(args: argparse.Namespace) -> None:
         "faiss_kind": args.faiss,
         "query_prefix": args.query_prefix,
         "passage_prefix": args.passage_prefix,
+        "max_length": args.max_length,
     }
     if args.kind == "bm25":
         given = [flag for flag, value, off in (
             ("--encoder", args.encoder, None), ("--faiss", args.faiss, "flat"),
             ("--query-prefix", args.query_prefix, ""),
-            ("--passage-prefix", args.passage_prefix, ""),
+            ("--passage-prefix", args.passage_prefix, ""), ("--max-length", args.max_length, None),
         ) if value != off]  # fmt: skip
         if given:
             _fail(f"{', '.join(given)}: only for --kind dense or hybrid, not bm25")
         dense = {}
-    out = build_index(args.corpus, args.out, args.kind, **dense)
+    params = {}
+    for flag, name, applies in _BUILD_PARAMS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if applies == "bm25" and args.kind == "dense":
+            _fail(f"{flag}: only for --kind bm25 or hybrid, not dense")
+        if applies == "hybrid" and args.kind != "hybrid":
+            _fail(f"{flag}: only for --kind hybrid, not {args.kind}")
+        if applies in ("hnsw", "ivf") and (args.kind == "bm25" or args.faiss != applies):
+            _fail(f"{flag}: only for --faiss {applies} (a dense or hybrid index)")
+        params[name] = value
+    out = build_index(args.corpus, args.out, args.kind, **dense, **params)
     print(f"{args.kind} index written to {out}")
+
+
+def _unit_interval(text: str) -> float:
+    """An argparse type: a number in [0, 1] (BM25's b)."""
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (BM25's k1; RRF's k)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _read_jsonl(path: Path, limit: int | None) -> list[tuple[int, Any]]:
@@ -240,7 +300,14 @@ def _eval(args: argparse.Namespace) -> None:
     rows = _question_rows(args.data, args.limit)
     try:
         report = evaluate_model(
-            args.model, args.index, rows, top_k=args.top_k, mode=args.mode, tag_format=args.format
+            args.model,
+            args.index,
+            rows,
+            top_k=args.top_k,
+            mode=args.mode,
+            tag_format=args.format,
+            max_context=args.max_context,
+            max_tokens=args.max_tokens,
         )
     except IndexLoadError as exc:
         _fail(f"--index: {exc}")
@@ -567,6 +634,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--faiss", choices=("flat", "hnsw", "ivf"), default="flat")
     b.add_argument("--query-prefix", default="", help='e.g. "query: " for e5 encoders')
     b.add_argument("--passage-prefix", default="", help='e.g. "passage: " for e5 encoders')
+    b.add_argument(
+        "--max-length", type=POSITIVE, help="encoder tokens per passage and query (default 256)"
+    )
+    b.add_argument("--hnsw-m", dest="m", type=POSITIVE, help="HNSW links per node (default 32)")
+    b.add_argument("--ef-construction", type=POSITIVE, help="HNSW build beam (default 80)")
+    b.add_argument("--ef-search", type=POSITIVE, help="HNSW search beam (default 64)")
+    b.add_argument("--nlist", type=POSITIVE, help="IVF cells (default 4 sqrt(n), at most n/39)")
+    b.add_argument("--nprobe", type=POSITIVE, help="IVF cells searched (default 8)")
+    b.add_argument("--bm25-k1", dest="k1", type=_positive_float, help="BM25 k1 (default 1.5)")
+    b.add_argument("--bm25-b", dest="b", type=_unit_interval, help="BM25 b (default 0.75)")
+    b.add_argument(
+        "--rrf-k", dest="k_rrf", type=_positive_float, help="hybrid fusion's RRF k (default 60)"
+    )
+    b.add_argument(
+        "--fusion-depth",
+        dest="depth",
+        type=POSITIVE,
+        help="results per half fused by a hybrid index (default max(k, 20))",
+    )
     b.set_defaults(func=_index_build)
 
     e = sub.add_parser(
@@ -588,6 +674,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--limit", type=POSITIVE)
     e.add_argument("--top-k", type=POSITIVE, default=3)
+    e.add_argument(
+        "--max-context",
+        type=POSITIVE,
+        default=2048,
+        help="tokens per run: prompt + generated + injected (default 2048)",
+    )
+    e.add_argument(
+        "--max-tokens", type=POSITIVE, default=512, help="sampled tokens per run (default 512)"
+    )
     e.add_argument(
         "--mode",
         choices=("agent", "no-retrieval", "naive-rag"),  # training.evaluate.MODES (heavy import)
@@ -723,6 +818,11 @@ def _server_args(p: argparse.ArgumentParser) -> None:
         "--retriever-api",
         help="the remote server's protocol: searchagent (default), search-r1, "
         "r1-searcher or searxng",
+    )
+    p.add_argument(
+        "--encoder",
+        type=Path,
+        help="encoder directory for a dense or hybrid index (default: the one it was built with)",
     )
     p.add_argument("--redis-url", help="cache retrieval in Redis (default: in-memory LRU)")
     p.add_argument("--host")

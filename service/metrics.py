@@ -97,7 +97,11 @@ class Metrics:
             "Generation requests refused with 429: every slot taken and the queue full.",
             registry=r,
         )
-
+        self.blank_queries = Counter(
+            "searchagent_retrieve_blank_queries",
+            "Blank queries in a /retrieve or /queries batch, answered with no passages.",
+            registry=r,
+        )
         self.stream_errors = Counter(
             "searchagent_stream_errors",
             "Streams ended by an error frame after their 200 (engine_error: the model server).",

@@ -8,17 +8,27 @@
 
 Both go through the same cached retriever the agent loop uses, so a training job pointed at us
 warms the cache the service reads. An empty `queries` list gets an empty result, as from the
-upstream servers (Search-R1's trainer posts one when no rollout searched). Bad input (a blank or
-oversized query, more queries than `max_retrieve_queries`, k out of range) is a 400 in OpenAI's
-error shape; the server keeps serving.
+upstream servers (Search-R1's trainer posts one when no rollout searched). A blank query in a
+batch that has a non-blank one gets an empty result list (`[]`) without a search, counted in
+`searchagent_retrieve_blank_queries_total`: Search-R1's generation loop posts the stripped text of
+every `<search>` action, which can be empty, and one such rollout must not fail a training step.
+
+Bad input is a 400 in OpenAI's error shape and the server keeps serving: queries that are all
+blank, a query over `max_query_chars`, more queries than `max_retrieve_queries`, k out of range,
+or more passages than `max_retrieve_passages` (queries x k; such a reply is tens of megabytes).
+The reply is built and serialised in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import Counter
 from pydantic import ConfigDict
 
 from retrieval.remote import r1_searcher_text, search_r1_contents
@@ -36,16 +46,21 @@ class RetrievalContext:
     max_k: int
     max_queries: int
     max_query_chars: int
+    max_passages: int = 50_000
+    blank_queries: Counter | None = None
 
     async def search(self, queries: list[str], k: int | None, k_name: str) -> list[list[Passage]]:
+        """One result list per query; blank queries (in a batch with another) get `[]`."""
         if len(queries) > self.max_queries:
             raise BadRequestError(
                 f"{len(queries)} queries in one request; the maximum is {self.max_queries}",
                 "queries",
             )
+        blank = [i for i, q in enumerate(queries) if not q.strip()]
+        if queries and len(blank) == len(queries):
+            which = "query 0 is" if len(queries) == 1 else f"all {len(queries)} queries are"
+            raise BadRequestError(f"{which} empty", "queries.0" if len(queries) == 1 else "queries")
         for i, q in enumerate(queries):
-            if not q.strip():
-                raise BadRequestError(f"query {i} is empty", f"queries.{i}")
             if len(q) > self.max_query_chars:
                 raise BadRequestError(
                     f"query {i} has {len(q)} characters; the maximum is {self.max_query_chars}",
@@ -54,12 +69,23 @@ class RetrievalContext:
         k = self.default_k if k is None else k
         if not 1 <= k <= self.max_k:
             raise BadRequestError(f"'{k_name}' must be between 1 and {self.max_k}, got {k}", k_name)
+        asked = len(queries) - len(blank)
+        if asked * k > self.max_passages:
+            raise BadRequestError(
+                f"{asked} queries x {k_name} {k} = {asked * k} passages in one reply; the "
+                f"maximum is {self.max_passages}: send fewer queries or a smaller {k_name}",
+                k_name,
+            )
         if not queries:  # a training step where no rollout searched: nothing to do, as upstream
             return []
+        if blank and self.blank_queries is not None:
+            self.blank_queries.inc(len(blank))
+        skip = set(blank)
         try:
-            return await self.retriever.search(queries, k)
+            found = iter(await self.retriever.search([q for q in queries if q.strip()], k))
         except RetrievalUnavailable as exc:
             raise UnavailableError(f"retrieval backend unavailable: {exc}") from exc
+        return [[] if i in skip else next(found) for i in range(len(queries))]
 
 
 def _context(request: Request) -> RetrievalContext:
@@ -82,20 +108,44 @@ class QueriesRequest(ApiRequest):
     k: int | None = None
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+async def _json_reply(head: str, rows: list[Any], row: Callable[[Any], Any]) -> Response:
+    """`head + [row(r) for r in rows] + "]}"` as JSON, built and encoded in a worker thread,
+    one row at a time: 50,000 passages take ~0.5 s of CPU, and one `json.dumps` of the whole
+    body would hold the GIL, and so the event loop, for all of it."""
+
+    def encode() -> bytes:
+        return (head + "[" + ",".join(_dumps(row(r)) for r in rows) + "]}").encode()
+
+    return Response(await asyncio.to_thread(encode), media_type="application/json")
+
+
+def _document(p: Passage) -> dict:
+    return {"id": p.id, "contents": search_r1_contents(p)}
+
+
+def _scored(ps: list[Passage]) -> list[dict]:
+    return [{"document": _document(p), "score": float(p.score)} for p in ps]
+
+
+def _documents(ps: list[Passage]) -> list[dict]:
+    return [_document(p) for p in ps]
+
+
+def _texts(ps: list[Passage]) -> list[str]:
+    return [r1_searcher_text(p) for p in ps]
+
+
 @router.post("/retrieve")
-async def retrieve(req: RetrieveRequest, ctx: RetrievalDep) -> dict:
+async def retrieve(req: RetrieveRequest, ctx: RetrievalDep) -> Response:
     results = await ctx.search(req.queries, req.topk, "topk")
-
-    def doc(p: Passage) -> dict:
-        return {"id": p.id, "contents": search_r1_contents(p)}
-
-    if req.return_scores:
-        return {"result": [[{"document": doc(p), "score": p.score} for p in ps] for ps in results]}
-    return {"result": [[doc(p) for p in ps] for ps in results]}
+    return await _json_reply('{"result":', results, _scored if req.return_scores else _documents)
 
 
 @router.post("/queries")
-async def queries(req: QueriesRequest, ctx: RetrievalDep) -> dict:
+async def queries(req: QueriesRequest, ctx: RetrievalDep) -> Response:
     results = await ctx.search(req.queries, req.k, "k")
-    answers = [[r1_searcher_text(p) for p in ps] for ps in results]
-    return {"queries": req.queries, "answers": answers}
+    return await _json_reply(f'{{"queries":{_dumps(req.queries)},"answers":', results, _texts)

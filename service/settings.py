@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     retriever: Literal["index", "bm25", "dense", "hybrid", "remote"] = "index"
     retriever_url: str | None = None
     retriever_api: RemoteApi = "searchagent"
+    retriever_api_key: SecretStr | None = None  # Bearer token for the remote retriever (env only)
+    # the encoder a dense or hybrid index is searched with; default: the one recorded at build
+    encoder: Path | None = None
     served_model_name: str | None = None  # model id on the API; default: the checkpoint dir name
     tag_format: str | None = None  # preset name overriding the checkpoint's agent.json
     device: str | None = None  # "cpu" / "cuda"; default: cuda when available (transformers)
@@ -60,7 +63,7 @@ class Settings(BaseSettings):
     retrieval_timeout_s: float = Field(default=10.0, gt=0)
     deadline_s: float = Field(default=300.0, gt=0)  # a whole agent run
 
-    # cache: in-memory LRU unless a Redis URL is given
+    # cache: in-memory LRU of cache_size entries (0: no cache) unless a Redis URL is given
     cache_size: int = Field(default=10_000, ge=0)
     redis_url: str | None = None
     cache_ttl_s: float | None = 3600.0
@@ -69,6 +72,8 @@ class Settings(BaseSettings):
     max_retrieve_k: int = Field(default=100, ge=1)
     max_retrieve_queries: int = Field(default=4096, ge=1)  # Search-R1: 512 prompts x 5 rollouts
     max_query_chars: int = Field(default=2048, ge=1)
+    # queries x k per request: 4096 x 100 passages is a 140 MB reply, seconds of CPU to encode
+    max_retrieve_passages: int = Field(default=50_000, ge=1)
 
     # limits: generation requests beyond max_running wait in a queue of max_queued, then 429
     max_running_requests: int = Field(default=16, ge=1)
@@ -99,8 +104,21 @@ class Settings(BaseSettings):
     @classmethod
     def _keys(cls, value: list[SecretStr]) -> list[SecretStr]:
         for key in value:
-            if not key.get_secret_value() or any(c.isspace() for c in key.get_secret_value()):
-                raise ValueError("an API key must be non-empty and contain no whitespace")
+            _check_key(key)
+        return value
+
+    @field_validator("retriever_api_key")
+    @classmethod
+    def _retriever_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _check_key(value)
+        return value
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not an encoder directory (no config.json)")
         return value
 
     @field_validator("model")
@@ -122,8 +140,12 @@ class Settings(BaseSettings):
         if self.retriever == "remote":
             if not self.retriever_url:
                 raise ValueError("retriever 'remote' needs a retriever_url (--retriever-url)")
+            if self.encoder is not None:
+                raise ValueError("encoder applies to a local dense or hybrid index, not 'remote'")
         elif self.index is None:
             raise ValueError(f"retriever {self.retriever!r} needs an index directory (--index)")
+        elif self.retriever_api_key is not None:
+            raise ValueError("retriever_api_key applies to retriever 'remote' (--retriever remote)")
         return self
 
     @model_validator(mode="after")
@@ -147,3 +169,10 @@ class Settings(BaseSettings):
         if self.served_model_name:
             return self.served_model_name
         return self.model.resolve().name if self.model is not None else "retrieval-only"
+
+
+def _check_key(key: SecretStr) -> None:
+    """A Bearer token goes into a header: it must be non-empty and hold no whitespace."""
+    secret = key.get_secret_value()
+    if not secret or any(c.isspace() for c in secret):
+        raise ValueError("an API key must be non-empty and contain no whitespace")

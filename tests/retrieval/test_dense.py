@@ -141,6 +141,7 @@ def test_build_index_dense_manifest_and_load(dense_dir, minilm):
     assert manifest["params"]["encoder"] == {
         "name": minilm.path.name,
         "config_sha256": minilm.config_sha256,
+        "weights_sha256": minilm.weights_sha256,
         "query_prefix": "",
         "passage_prefix": "",
         "max_length": 256,

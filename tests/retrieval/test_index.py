@@ -169,3 +169,82 @@ def test_rebuild_in_place_replaces_index(tmp_path):
     build_index(write_corpus(tmp_path / "b.jsonl", PEOPLE[:3]), out, show_progress=False)
     assert json.loads((out / "index.json").read_text())["n_passages"] == 3
     assert len(load_index(out)) == 3
+
+
+# -- the encoder of a dense index: identified by its weights, not its directory's name ----------
+
+
+@pytest.fixture(scope="module")
+def dense_people(tmp_path_factory, minilm) -> Path:
+    """A dense index of PEOPLE built with the bundled MiniLM."""
+    work = tmp_path_factory.mktemp("dense-people")
+    corpus = write_corpus(work / "corpus.jsonl")
+    return build_index(corpus, work / "idx", "dense", show_progress=False, encoder_path=minilm.path)
+
+
+@pytest.fixture(scope="module")
+def encoder_copies(tmp_path_factory, minilm) -> dict[str, Path]:
+    """MiniLM copied under another name, and a "fine-tuned" copy: same config.json, perturbed
+    weights (a real, loadable model that embeds differently)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    work = tmp_path_factory.mktemp("encoders")
+    renamed = Path(shutil.copytree(minilm.path, work / "my-renamed-encoder"))
+    # the name of the original: before the fix the name was all that was compared
+    tuned = Path(shutil.copytree(minilm.path, work / "tuned" / minilm.path.name))
+    weights = load_file(tuned / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in weights.items():
+        if tensor.dtype.is_floating_point and tensor.numel() > 1:
+            noise = torch.randn(tensor.shape, generator=generator) * tensor.std()
+            weights[name] = tensor + 0.5 * noise
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    return {"renamed": renamed, "tuned": tuned}
+
+
+def test_dense_manifest_records_the_encoder_weights(dense_people, minilm):
+    """Guards against a fine-tuned encoder (same config.json) loading an index silently: the
+    manifest must record what `sha256sum model.safetensors` prints, so the fingerprint (and the
+    caches keyed on it) follows the weights."""
+    import hashlib
+
+    recorded = json.loads((dense_people / "index.json").read_text())["params"]["encoder"]
+    weights = (minilm.path / "model.safetensors").read_bytes()
+    assert recorded["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+
+
+def test_a_renamed_copy_of_the_encoder_loads(dense_people, encoder_copies):
+    """Guards against an encoder copied under another directory name failing with "params
+    differ": the name was compared, though the weights are the same."""
+    retriever = load_index(dense_people, encoder_path=encoder_copies["renamed"])
+    [[top, *_]] = asyncio.run(retriever.search(["Elsa Quill the composer"], 2))
+    assert top.id == "p4"
+
+
+def test_a_fine_tuned_encoder_is_refused_in_one_line(dense_people, encoder_copies, minilm):
+    """Guards against an encoder with the same config but other weights loading silently (its
+    vectors do not match the index's: confident nonsense), and against an error that points to
+    a flag no command has (`encoder_path=...`)."""
+    with pytest.raises(IndexLoadError) as info:
+        load_index(dense_people, encoder_path=encoder_copies["tuned"])
+    message = str(info.value)
+    assert "\n" not in message and str(dense_people) in message
+    assert "not the one the index was built with" in message and "pass --encoder DIR" in message
+    assert str(encoder_copies["tuned"]) in message  # the encoder found
+    assert f"{minilm.path.name} at {minilm.path.resolve()}" in message  # the one recorded
+
+
+def test_an_index_without_a_weights_hash_still_loads(dense_people, encoder_copies, tmp_path):
+    """Guards against indexes built before the weights were recorded becoming unloadable."""
+    import shutil
+
+    old = Path(shutil.copytree(dense_people, tmp_path / "old"))
+    manifest = json.loads((old / "index.json").read_text())
+    del manifest["params"]["encoder"]["weights_sha256"]
+    (old / "index.json").write_text(json.dumps(manifest))
+    retriever = load_index(old, encoder_path=encoder_copies["renamed"])
+    [[top, *_]] = asyncio.run(retriever.search(["Elsa Quill the composer"], 2))
+    assert top.id == "p4"

@@ -209,6 +209,17 @@ def test_a_failed_build_leaves_the_earlier_output_as_it_was(tmp_path, demo_artif
         (["train", "pipeline", "--rl-stage1-steps", "0"], "argument --rl-stage1-steps"),
         (["index", "build", "--corpus", "C", "--out", "O", "--encoder", "/x"],
          "--encoder: only for --kind dense or hybrid"),
+        # FAISS and BM25 params: numbers checked, and a flag its index kind would ignore refused
+        (["index", "build", "--corpus", "C", "--out", "O", "--kind", "dense", "--hnsw-m", "0"],
+         "argument --hnsw-m: must be at least 1"),
+        (["index", "build", "--corpus", "C", "--out", "O", "--bm25-b", "1.5"],
+         "argument --bm25-b: must be between 0 and 1, got 1.5"),
+        (["index", "build", "--corpus", "C", "--out", "O", "--kind", "dense", "--nlist", "4"],
+         "--nlist: only for --faiss ivf"),
+        (["index", "build", "--corpus", "C", "--out", "O", "--ef-search", "8"],
+         "--ef-search: only for --faiss hnsw"),
+        (["index", "build", "--corpus", "C", "--out", "O", "--kind", "dense", "--bm25-k1", "1"],
+         "--bm25-k1: only for --kind bm25 or hybrid, not dense"),
         (["train", "rl", "--init", "M", "--out", "O", "--index", "W"], "--index: cannot load"),
         (["eval", "--model", "T", "--index", "I", "--data", "D"], "cannot load a model from"),
         (["serve", "--model", "M", "--index", "I", "--device", "tpu9"], "unknown device 'tpu9'"),
@@ -246,6 +257,18 @@ def test_bad_numbers_paths_and_checkpoints_are_one_line(tmp_path, demo_artifacts
     }  # fmt: skip
     _one_line_error(_cli(*(names.get(a, a) for a in args)), names.get(message, message))
     assert not (tmp_path / "o").exists()
+
+
+def test_index_build_params_land_in_the_index(tmp_path, demo_artifacts):
+    """Guards against `index build` offering no way to set BM25's or FAISS's parameters
+    (`build_index` took them, the CLI only --faiss): given ones are what the index records."""
+    corpus = str(demo_artifacts / "world" / "corpus.jsonl")
+    out = tmp_path / "index"
+    r = _cli("index", "build", "--corpus", corpus, "--out", str(out), "--bm25-k1", "1.2",
+             "--bm25-b", "0.5")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    params = json.loads((out / "index.json").read_text())["params"]
+    assert (params["k1"], params["b"]) == (1.2, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -286,6 +309,22 @@ def test_a_checkpoint_without_agent_json_is_evaluated_with_format(tmp_path, demo
     r = _cli(*args, "--format", "default")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 2
+
+
+def test_eval_passes_its_run_bounds_to_the_loop(demo_artifacts):
+    """Guards against eval running every model under the loop's defaults (2048 tokens of context):
+    a 7B's traces with five passages per search ended cut, unanswered, and scored as wrong."""
+    data = str(demo_artifacts / "world" / "test.jsonl")
+    args = ["eval", "--model", str(demo_artifacts / "sft"), "--index",
+            str(demo_artifacts / "index"), "--data", data, "--limit", "2", "--json"]  # fmt: skip
+    free = json.loads(_cli(*args).stdout.strip().splitlines()[-1])
+    assert free["avg_tokens"] > 3, free
+    bounded = json.loads(_cli(*args, "--max-tokens", "3").stdout.strip().splitlines()[-1])
+    assert bounded["avg_tokens"] <= 3 and bounded["avg_searches"] == 0, bounded
+    # the prompt alone (14 tokens on the demo tokenizer) is longer: nothing is sampled
+    tight = json.loads(_cli(*args, "--max-context", "8").stdout.strip().splitlines()[-1])
+    assert tight["avg_tokens"] == 0, tight
+    _one_line_error(_cli(*args, "--max-context", "0"), "argument --max-context: must be at least 1")
 
 
 def test_ctrl_c_during_eval_exits_130(demo_artifacts):

@@ -96,7 +96,11 @@ def test_batches_search_r1_trains_with_are_answered(server, gold):
 BAD_BODIES = [
     ({"queries": ["ok"] * 4097, "topk": 3}, "queries"),
     ({"queries": ["   "], "topk": 3}, "queries.0"),
+    ({"queries": ["", " \t"], "topk": 3}, "queries"),  # all blank: nothing to search
     ({"queries": ["ok", "x" * 100_000]}, "queries.1"),
+    ({"queries": ["", "x" * 100_000]}, "queries.1"),  # a blank one beside it changes nothing
+    # 4096 x 100 passages: a 140 MB reply that held the event loop for seconds
+    ({"queries": [f"born city {i}" for i in range(4096)], "topk": 100}, "topk"),
     ({"queries": ["ok"], "topk": 0}, "topk"),
     ({"queries": ["ok"], "topk": 1_000_000}, "topk"),
     ({"queries": "not a list"}, "queries"),
@@ -307,6 +311,8 @@ def test_a_remote_retrieval_server_that_is_down_is_an_error_document(
         (["--retriever", "remote"], "needs a retriever_url"),
         (["--retriever", "dense"], "it is a bm25 index, not dense"),
         (["--retriever-url", "x", "--retriever", "remote"], "must start with http"),
+        (["--encoder", "/nonexistent/enc"], "encoder: Value error, /nonexistent/enc is not an"),
+        (["--encoder", "."], "is not an encoder directory (no config.json)"),
     ],
 )
 def test_retrieve_serve_bad_configuration_is_one_line(small_index, args, message):
@@ -327,3 +333,133 @@ def test_serve_without_a_model_points_to_retrieve_serve(small_index):
         "searchagent: serve needs --model DIR (or SEARCHAGENT_MODEL); "
         "for retrieval alone run `searchagent retrieve-serve`"
     )
+
+
+def test_the_largest_allowed_reply_is_exact(server, small_index):
+    """Guards against the reply built off the event loop (its own JSON encoding) differing from
+    the Search-R1 shape, or the passage limit refusing a request within it: 500 queries x topk
+    100 is exactly the default 50,000."""
+    queries = [f"born city married {i}" for i in range(500)]
+    body = {"queries": queries, "topk": 100, "return_scores": True}
+    reply = httpx.post(f"{server}/retrieve", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text[:500]
+    assert reply.headers["content-type"] == "application/json"
+    local = asyncio.run(load_index(small_index).search(queries, 100))
+    want = [
+        [{"document": {"id": p.id, "contents": f'"{p.title}"\n{p.text.strip()}'}, "score": p.score}
+         for p in ps]
+        for ps in local
+    ]  # fmt: skip
+    assert reply.json() == {"result": want}
+
+
+def test_over_the_passage_limit_is_a_400_naming_it(small_index, serve_app):
+    """Guards against one request asking for more passages (queries x k) than
+    `max_retrieve_passages`: it is refused before any search, on both routes, in OpenAI's shape."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    url = serve_app(create_app(Settings(index=small_index, max_retrieve_passages=10)))
+    for route, k in (("/retrieve", "topk"), ("/queries", "k")):
+        reply = httpx.post(f"{url}{route}", json={"queries": ["a", "b", "c"], k: 4}, timeout=30)
+        assert reply.status_code == 400
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == k
+        assert "12 passages" in error["message"] and "maximum is 10" in error["message"]
+        ok = httpx.post(f"{url}{route}", json={"queries": ["a", "b"], k: 5}, timeout=30)
+        assert ok.status_code == 200
+
+
+def test_blank_queries_in_a_batch_get_empty_results(server, gold):
+    """Guards against one empty `<search>` of one rollout (Search-R1 posts every action's
+    stripped text) failing the whole batch with a 400, which killed the training step: blank
+    queries get `[]` on both routes, counted; the others their passages."""
+    before = _metric(server, "searchagent_retrieve_blank_queries_total")
+    query = gold[0][0]
+    body = {"queries": ["", query, "  "], "topk": 2, "return_scores": True}
+    reply = httpx.post(f"{server}/retrieve", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    alone = httpx.post(f"{server}/retrieve", json=body | {"queries": [query]}, timeout=30)
+    assert reply.json()["result"] == [[], alone.json()["result"][0], []]
+    reply = httpx.post(f"{server}/queries", json={"queries": [query, "\n"], "k": 2}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    answers = reply.json()["answers"]
+    assert len(answers[0]) == 2 and answers[1] == []
+    assert reply.json()["queries"] == [query, "\n"]
+    assert _metric(server, "searchagent_retrieve_blank_queries_total") == before + 3
+
+
+def test_the_service_runs_without_a_cache(small_index, serve_app, monkeypatch):
+    """Guards against SEARCHAGENT_CACHE_SIZE=0, which Settings accepts, failing start-up
+    ("max_items must be >= 1"): 0 means no cache, and /retrieve answers from the index."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    monkeypatch.setenv("SEARCHAGENT_CACHE_SIZE", "0")
+    url = serve_app(create_app(Settings(index=small_index)))
+    body = {"queries": ["born city"], "topk": 2}
+    first = httpx.post(f"{url}/retrieve", json=body, timeout=30)
+    assert first.status_code == 200 and len(first.json()["result"][0]) == 2
+    assert httpx.post(f"{url}/retrieve", json=body, timeout=30).json() == first.json()
+    assert "searchagent_cache_hits_total" not in httpx.get(f"{url}/metrics").text
+
+
+def test_a_remote_retriever_behind_an_api_key(small_index, serve_cli, serve_app, gold):
+    """Guards against a remote retrieval server that requires a key being unusable: the key in
+    SEARCHAGENT_RETRIEVER_API_KEY is sent as a Bearer token (without it: the upstream's 401,
+    our 503)."""
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    args = ["retrieve-serve", "--index", str(small_index), "--api-key", "s3cret"]
+    with serve_cli(args, timeout_s=60) as upstream:
+        url = f"{upstream}/retrieve"
+        keyed = serve_app(
+            create_app(Settings(retriever="remote", retriever_url=url, retriever_api_key="s3cret"))
+        )
+        bare = serve_app(create_app(Settings(retriever="remote", retriever_url=url)))
+        body = {"queries": [gold[0][0]], "topk": 2}
+        reply = httpx.post(f"{keyed}/retrieve", json=body, timeout=30)
+        assert reply.status_code == 200, reply.text
+        direct = httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret"})
+        assert reply.json() == direct.json()
+        assert httpx.post(f"{bare}/retrieve", json=body, timeout=30).status_code == 503
+    with pytest.raises(ValidationError, match="applies to retriever 'remote'"):
+        Settings(index=small_index, retriever_api_key="s3cret")
+
+
+def test_a_dense_index_is_served_with_the_encoder_setting(tmp_path, serve_app, monkeypatch):
+    """Guards against an encoder that moved having no way in (the error said "pass
+    encoder_path=...", which no command offers): SEARCHAGENT_ENCODER (`--encoder`) reaches
+    `load_index`, and a bm25 index refuses it rather than ignoring it."""
+    import shutil
+
+    from retrieval.encoder import default_encoder_path
+    from retrieval.index import IndexLoadError, build_index
+    from service.app import create_app
+    from service.settings import Settings
+
+    pytest.importorskip("faiss", reason="the `dense` extra (faiss-cpu) is not installed")
+    torch = pytest.importorskip("torch", reason="the `torch` extra is not installed")
+    from safetensors.torch import load_file, save_file
+
+    built_with = shutil.copytree(default_encoder_path(), tmp_path / "tuned")
+    weights = load_file(built_with / "model.safetensors")  # fine-tuned: not the bundled one
+    weights = {n: t * 1.01 if t.dtype == torch.float32 else t for n, t in weights.items()}
+    save_file(weights, built_with / "model.safetensors", metadata={"format": "pt"})
+    rows = [{"id": "a", "title": "Ada Lind", "text": "a painter"}, {"id": "b", "title": "B"}]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r | {"text": r.get("text", "x")}) + "\n" for r in rows))
+    index = build_index(corpus, tmp_path / "dense", "dense", encoder_path=built_with)
+    moved = built_with.rename(tmp_path / "moved")
+    with pytest.raises(IndexLoadError, match="not found; pass --encoder DIR"):
+        create_app(Settings(index=index))
+    monkeypatch.setenv("SEARCHAGENT_ENCODER", str(moved))
+    url = serve_app(create_app(Settings(index=index)))
+    reply = httpx.post(f"{url}/retrieve", json={"queries": ["painter"], "topk": 1}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["result"][0][0]["id"] == "a"
+    bm25 = build_index(corpus, tmp_path / "bm25", show_progress=False)
+    with pytest.raises(ValueError, match="applies to a dense or hybrid index"):
+        create_app(Settings(index=bm25))
