@@ -217,9 +217,13 @@ def evaluate_model(
     top_k: int = 3,
     mode: str = "agent",
     tag_format: str | None = None,
+    max_context: int = Limits.max_context,
+    max_tokens: int = Limits.max_tokens,
 ) -> dict:
     """Score `rows` through the loop; `tag_format` names a preset instead of the checkpoint's
-    agent.json (a published checkpoint has none)."""
+    agent.json (a published checkpoint has none). `max_context` (prompt + generated + injected
+    tokens) and `max_tokens` (sampled) bound each run: a real-scale model's traces with five
+    passages per search need more than the defaults, or they end cut, unanswered."""
     from agent.checkpoint import load_format, load_tokenizer
     from agent.hf_engine import TransformersEngine
     from retrieval.index import load_index
@@ -228,7 +232,8 @@ def evaluate_model(
     fmt = load_format(model_dir, tag_format)
     tokenizer = load_tokenizer(model_dir, fmt)
     engine = TransformersEngine(model_dir, tokenizer)
-    loop = AgentLoop(engine, retriever, fmt, Limits(top_k=top_k))
+    limits = Limits(top_k=top_k, max_context=max_context, max_tokens=max_tokens)
+    loop = AgentLoop(engine, retriever, fmt, limits)
     return score_rows(asyncio.run(evaluate_loop(loop, rows, mode=mode)))
 
 

@@ -47,10 +47,16 @@ def create_model(
 
 def no_activation_checkpointing() -> dict[str, bool]:
     """Trainer kwargs that turn activation checkpointing off (TRL's GRPO turns it on by default,
-    and recomputing activations only slows a model this small). transformers 5.23 renamed the
-    argument to `activation_checkpointing` and warns on the old name, which older 5.x need."""
+    and recomputing activations only slows a model this small)."""
+    return activation_checkpointing(False)
+
+
+def activation_checkpointing(on: bool) -> dict[str, bool]:
+    """Trainer kwargs that turn activation checkpointing on or off. transformers 5.23 renamed the
+    argument to `activation_checkpointing` and warns on the old name, which older 5.x need (TRL's
+    default sets the old name: leaving it unset warns too)."""
     from transformers import TrainingArguments
 
     if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
-        return {"activation_checkpointing": False}
-    return {"gradient_checkpointing": False}
+        return {"activation_checkpointing": on}
+    return {"gradient_checkpointing": on}

@@ -11,8 +11,10 @@ The schemes are the papers':
     searches) is preferred over one that searched for what it knew.
 
 A well-formed trace (`format_ok`) is one the loop finished cleanly: it ended on its own (not cut by
-the token or context budget), without a format violation (`Trajectory.error`), with an answer in
-answer tags. `Rollout` is what a reward needs of one run; `rollout_from` builds it.
+the token or context budget), without a format violation (`Trajectory.error`), on the close tag of
+its one answer block, written outside any thought (`answer_well_formed`). The loop reads free text
+as the answer of a checkpoint that writes no tags; the rewards do not count that as well-formed.
+`Rollout` is what a reward needs of one run; `rollout_from` builds it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.events import Finished
+from agent.tags import TagFormat
 from training.evaluate import cover_exact_match, exact_match, f1_score
 
 STAGE1_RETRIEVAL = 0.5
@@ -36,10 +39,35 @@ class Rollout:
     format_ok: bool
 
 
-def rollout_from(finished: Finished) -> Rollout:
+def rollout_from(finished: Finished, fmt: TagFormat) -> Rollout:
     traj = finished.trajectory
-    ok = finished.reason == "stop" and traj.error is None and traj.answer is not None
+    ok = (
+        finished.reason == "stop"
+        and traj.error is None
+        and traj.answer is not None
+        and answer_well_formed(traj.text, fmt)
+    )
     return Rollout(traj.answer or "", finished.usage.searches, ok)
+
+
+def answer_well_formed(text: str, fmt: TagFormat) -> bool:
+    """Whether a finished run's text holds exactly one answer block, opened outside any thought
+    and closed. The answer-close tag stops the run (the loop's stop set), so a closed block is
+    where the run ended; injected documents are escaped, so every tag here was sampled. A
+    thought is open from its open tag to its close tag, and from the start when the prompt
+    opens it (R1-Searcher's ends with "Assistant: <think>")."""
+    if text.count(fmt.answer_open) != 1:
+        return False
+    start = text.index(fmt.answer_open)
+    if fmt.answer_close not in text[start:]:
+        return False
+    if fmt.think_open and fmt.think_close:
+        before = text[:start]
+        opened, closed = before.rfind(fmt.think_open), before.rfind(fmt.think_close)
+        by_prompt = fmt.prompt_template.rstrip().endswith(fmt.think_open)
+        if closed < opened or (by_prompt and closed < 0):
+            return False
+    return True
 
 
 def format_reward(r: Rollout) -> float:

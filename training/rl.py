@@ -13,7 +13,8 @@ no loss and no gradient. Stages (`RLConfig.stage`):
   "plus"  R1-Searcher++ — format + cover-EM + the group internal-knowledge reward, plus the
           memorization loss: mu x NLL of each correct rollout rewritten without search (its
           reasoning before the first search, then the answer), so what was retrieved and used
-          becomes knowledge.
+          becomes knowledge. mu weighs it per optimizer step: each micro-step of a generation
+          computes its share of the rows (`memorization_share`).
 
 The policy loss is TRL's GRPO loss (group-normalized advantages); `beta > 0` adds its KL term
 against the initial model.
@@ -45,9 +46,15 @@ from agent.loop import (
 from agent.tags import TagFormat, get_format
 from agent.tokenizer import Tokenizer
 from training import rewards
-from training.model import no_activation_checkpointing
+from training.model import activation_checkpointing
 from training.oracle import RECALL
-from training.sft import _jsonable, changed_settings, check_number, export_checkpoint
+from training.sft import (
+    _jsonable,
+    changed_settings,
+    check_number,
+    copy_tokenizer_files,
+    export_checkpoint,
+)
 
 STAGES = ("1", "2", "plus")
 
@@ -70,6 +77,10 @@ class RLConfig:
     beta: float = 0.0  # KL coefficient against the initial model
     temperature: float = 1.0
     max_tokens: int = 160
+    # prompt + sampled + injected tokens of one rollout (the loop's `Limits.max_context`): a
+    # rollout that reaches it ends unfinished (malformed), so give room for max_tokens and the
+    # documents of max_searches searches
+    max_context: int = 2048
     max_searches: int = 4
     top_k: int = 3
     mu: float = 0.1  # R1-Searcher++ memorization loss weight
@@ -97,6 +108,9 @@ class RLConfig:
     per_device_batch: int | None = None  # None: prompts_per_step x num_generations
     gradient_accumulation_steps: int = 1
     bf16: bool = False
+    # recompute activations in the backward pass (TRL's default): off for the demo's small model,
+    # on at real scale, where a batch of long rollouts' activations would not fit
+    gradient_checkpointing: bool = False
 
 
 def run_rl(cfg: RLConfig) -> dict:
@@ -105,14 +119,17 @@ def run_rl(cfg: RLConfig) -> dict:
     t0 = time.monotonic()
     resume = _check_resume(cfg)
     trainer = build_trainer(cfg)
-    if not resume:
-        # a new run, its settings checked: an old run's checkpoint must not be resumed later as
-        # ours (removed only now, so a run refused above leaves the old one resumable)
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:
+        if not resume:
+            # a new run, its settings checked: an old run's checkpoint must not be resumed later
+            # as ours (removed only now, so a run refused above leaves the old one resumable)
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        for old in (cfg.out / ".trainer").glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-            shutil.rmtree(old)
-    _record_run(cfg)
+            for old in (cfg.out / ".trainer").glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                shutil.rmtree(old)
+        _record_run(cfg)
+    accelerator.wait_for_everyone()
     try:
         trainer.train(resume_from_checkpoint=True if resume else None)
     except RolloutError:
@@ -121,10 +138,13 @@ def run_rl(cfg: RLConfig) -> dict:
             if getattr(callback, "training_bar", None) is not None:
                 callback.training_bar.close()
         raise
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    export_checkpoint(model, cfg.out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (cfg.out / name).write_bytes((cfg.init / name).read_bytes())
+    # every process takes part in gathering the weights (ZeRO-3 holds a shard on each); the main
+    # one writes them
+    state = accelerator.get_state_dict(trainer.model_wrapped)
+    policy = trainer.rollout_func.__self__
+    if accelerator.is_main_process:
+        export_checkpoint(accelerator.unwrap_model(trainer.model), cfg.out, policy.fmt, state)
+        copy_tokenizer_files(cfg.init, cfg.out)
     log = [_step_row(h) for h in trainer.state.log_history if "reward" in h]
     report = {
         "stage": cfg.stage,
@@ -133,7 +153,9 @@ def run_rl(cfg: RLConfig) -> dict:
         "log": log,
         "config": _jsonable(asdict(cfg)),
     }
-    (cfg.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    if accelerator.is_main_process:
+        (cfg.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    accelerator.wait_for_everyone()
     return report
 
 
@@ -146,10 +168,10 @@ def build_trainer(cfg: RLConfig):
     check_number("lr", cfg.lr, positive=True)
     check_number("beta", cfg.beta, positive=False)
     check_number("mu", cfg.mu, positive=False)
+    check_number("max_context", cfg.max_context, positive=True)
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    from trl import GRPOConfig
 
     torch.manual_seed(cfg.seed)
     fmt = get_format(cfg.format) if cfg.format else load_format(cfg.init)
@@ -163,13 +185,30 @@ def build_trainer(cfg: RLConfig):
         processing.pad_token = "<|pad|>"
     retriever = rollout_retriever(cfg)  # before `out` exists: a bad index leaves nothing behind
     cfg.out.mkdir(parents=True, exist_ok=True)
+    golds = {r["question"]: r["answer"] for r in rows}
+    policy = _Policy(fmt, tokenizer, retriever, cfg, golds)
+    return _make_trainer(model, grpo_args(cfg), dataset, processing, policy, cfg)
+
+
+def grpo_args(cfg: RLConfig):
+    """TRL's `GRPOConfig` for `cfg`."""
+    import torch
+    from trl import GRPOConfig
+
     batch = cfg.per_device_batch or cfg.prompts_per_step * cfg.num_generations
     vllm = (
-        {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": cfg.vllm_url}
+        # our rollouts come back without sampling logprobs (`_Policy._output`), which TRL's
+        # importance-sampling correction (on by default) would subtract
+        {
+            "use_vllm": True,
+            "vllm_mode": "server",
+            "vllm_server_base_url": cfg.vllm_url,
+            "vllm_importance_sampling_correction": False,
+        }
         if cfg.vllm_url
         else {}
     )
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=str(cfg.out / ".trainer"),
         max_steps=cfg.steps,
         per_device_train_batch_size=batch,
@@ -186,7 +225,7 @@ def build_trainer(cfg: RLConfig):
         save_total_limit=1,
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
-        **no_activation_checkpointing(),
+        **activation_checkpointing(cfg.gradient_checkpointing),
         bf16=cfg.bf16,
         seed=cfg.seed,
         shuffle_dataset=True,
@@ -194,9 +233,6 @@ def build_trainer(cfg: RLConfig):
         reward_weights=[1.0, 0.0, 0.0, 0.0],  # _Policy.reward trains; em/searches/format: logged
         **vllm,
     )
-    golds = {r["question"]: r["answer"] for r in rows}
-    policy = _Policy(fmt, tokenizer, retriever, cfg, golds)
-    return _make_trainer(model, args, dataset, processing, policy, cfg)
 
 
 RUN_FILE = ".trainer/run.json"  # the settings of the run whose checkpoints `.trainer` holds
@@ -230,7 +266,8 @@ def _check_resume(cfg: RLConfig) -> bool:
         return False
     recorded_file = cfg.out / RUN_FILE
     if recorded_file.is_file():
-        recorded = json.loads(recorded_file.read_text())
+        # a setting added since that run was recorded had its default there
+        recorded = {**_defaults(), **json.loads(recorded_file.read_text())}
         if were := changed_settings(recorded, _run_settings(cfg)):
             raise ValueError(f"--resume: {cfg.out} holds a run with other settings ({were})")
     if last >= cfg.steps:  # TRL would train one step more anyway
@@ -238,6 +275,17 @@ def _check_resume(cfg: RLConfig) -> bool:
             f"--resume: {cfg.out} is at step {last} already; give --steps above {last} to go on"
         )
     return True
+
+
+def _defaults() -> dict:
+    """The run settings' defaults (`_run_settings` of a config that sets nothing)."""
+    from dataclasses import MISSING, fields
+
+    return {
+        f.name: _jsonable(f.default)
+        for f in fields(RLConfig)
+        if f.default is not MISSING and f.name not in _RESUMABLE
+    }
 
 
 def last_checkpoint_step(out: Path) -> int | None:
@@ -256,10 +304,13 @@ def _record_run(cfg: RLConfig) -> None:
     path.write_text(json.dumps(_run_settings(cfg), indent=2) + "\n")
 
 
+_LOGGED = ("reward", "rewards/", "loss", "memorization", "rollout/")
+
+
 def _step_row(h: dict) -> dict:
     keep = {"step": h.get("step")}
     for key, value in h.items():
-        if key.startswith(("reward", "rewards/", "loss", "memorization")) or key in ("kl",):
+        if key.startswith(_LOGGED) or key == "kl":
             keep[key] = value
     return keep
 
@@ -279,6 +330,20 @@ def _fault(finished: Finished) -> tuple[str, str] | None:
         searching = bool(traj.searches) and traj.searches[-1].error == DEADLINE_ERROR
         return "deadline", "cut while searching" if searching else "cut while decoding"
     return None
+
+
+def _log_length_ratio(trainer, finished: list[Finished]) -> None:
+    """Log `rollout/length_ratio`, the share of rollouts their token or context budget cut (over
+    every process). TRL's `completions/clipped_ratio` reads 1.0 here: it counts a completion
+    without EOS as truncated, and ours end on the answer's close tag."""
+    if trainer is None:
+        return
+    cut = [f.reason == "length" for f in finished]
+    if trainer.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        cut = gather_object(cut)
+    trainer._metrics["train"]["rollout/length_ratio"].append(sum(cut) / max(1, len(cut)))
 
 
 def _most_on_any_process(trainer, count: int) -> int:
@@ -301,6 +366,13 @@ class _Policy:
         self.tokenizer = tokenizer
         self.retriever = retriever
         self.cfg = cfg
+        self.limits = Limits(
+            max_searches=cfg.max_searches,
+            max_tokens=cfg.max_tokens,
+            max_context=cfg.max_context,
+            top_k=cfg.top_k,
+            deadline_s=cfg.rollout_deadline_s,
+        )
         self.loop: AgentLoop | None = None
         # the last rollouts' memorization rows: (prompt ids, rewritten completion ids)
         self.memorize: list[tuple[list[int], list[int]]] = []
@@ -324,6 +396,7 @@ class _Policy:
             # in the trainer's next gather
             worst = _most_on_any_process(trainer, len(faults))
             if worst == 0:
+                _log_length_ratio(trainer, finished)
                 return self._output(prompts, finished)
             kind, cause = next(iter(faults.values()), ("retrieval", "on another process"))
             if kind == "retrieval":
@@ -351,14 +424,7 @@ class _Policy:
 
     def _decode(self, prompts: list[str], trainer) -> list[Finished]:
         if self.loop is None:
-            cfg = self.cfg
-            limits = Limits(
-                max_searches=cfg.max_searches,
-                max_tokens=cfg.max_tokens,
-                top_k=cfg.top_k,
-                deadline_s=cfg.rollout_deadline_s,
-            )
-            self.loop = AgentLoop(self._engine(trainer), self.retriever, self.fmt, limits)
+            self.loop = AgentLoop(self._engine(trainer), self.retriever, self.fmt, self.limits)
         if self.cfg.vllm_url:
             return self._events.run_until_complete(self._run_all(prompts))
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -391,7 +457,7 @@ class _Policy:
             "completion_ids": [f.trajectory.completion_ids for f in finished],
             "env_mask": [f.trajectory.env_mask for f in finished],
             "logprobs": None,
-            "rollout": [rewards.rollout_from(f) for f in finished],
+            "rollout": [rewards.rollout_from(f, self.fmt) for f in finished],
         }
         self.memorize = self._memorize(prompts, finished) if self.cfg.stage == "plus" else []
         return out
@@ -401,7 +467,7 @@ class _Policy:
         rewritten without search."""
         rows = []
         for question, f in zip(prompts, finished, strict=True):
-            r = rewards.rollout_from(f)
+            r = rewards.rollout_from(f, self.fmt)
             gold = self.golds.get(question)
             if gold is None or not r.format_ok or r.searches == 0:
                 continue
@@ -488,11 +554,31 @@ def _make_trainer(model, args, dataset, processing, policy: _Policy, cfg: RLConf
     class Trainer(GRPOTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if cfg.stage != "plus" or not policy.memorize or not model.training:
+            if cfg.stage != "plus" or not model.training:
                 return loss
-            nll = memorization_nll(model, policy.memorize, processing.pad_token_id)
+            return loss + self.memorization_loss(model)
+
+        def memorization_loss(self, model):
+            """This micro-step's part of mu x the memorization NLL. One generation's rows feed
+            `steps_per_generation` micro-steps (TRL's `_step` counts them; the policy loss
+            divides by gradient accumulation), so each takes its share of the rows, weighted
+            so that one optimizer step's parts add up to mu x NLL."""
+            rows, weight = memorization_share(
+                policy.memorize,
+                self._step % self.args.steps_per_generation,
+                self.args.steps_per_generation,
+                self.current_gradient_accumulation_steps,
+            )
+            if _most_on_any_process(self, len(rows)) == 0:
+                return 0.0
+            if not rows:
+                # another process runs the forward: under ZeRO-3 its parameter gathers are
+                # collective, so this one runs one too, on a pad token, at weight 0
+                pad = processing.pad_token_id
+                return 0.0 * memorization_nll(model, [([pad], [pad])], pad)
+            nll = memorization_nll(model, rows, processing.pad_token_id)
             self._metrics["train"]["memorization_nll"].append(nll.item())
-            return loss + cfg.mu * nll
+            return cfg.mu * weight * nll
 
     # TRL logs each as rewards/<method name>; only the stage's reward trains, the rest is logged
     funcs = [policy.reward, policy.em, policy.searches, policy.format_ok]
@@ -504,6 +590,14 @@ def _make_trainer(model, args, dataset, processing, policy: _Policy, cfg: RLConf
         processing_class=processing,
         rollout_func=policy.rollout,
     )
+
+
+def memorization_share(rows: list, micro: int, parts: int, accumulation: int) -> tuple[list, float]:
+    """Micro-step `micro`'s rows of the `parts` micro-steps one generation's `rows` feed, and the
+    weight of their mean NLL: over the `accumulation` micro-steps of an optimizer step the weights
+    add up to 1 (each row counted once, not `accumulation` times at full weight)."""
+    share = rows[micro::parts]
+    return share, len(share) * parts / (len(rows) * accumulation) if share else 0.0
 
 
 def memorization_nll(model, rows: list[tuple[list[int], list[int]]], pad_id: int):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from agent.checkpoint import write_agent_json
 from agent.events import Trajectory
-from agent.tags import DEFAULT, SPECIAL_TOKENS
+from agent.tags import DEFAULT, SPECIAL_TOKENS, TagFormat
 from agent.tokenizer import Tokenizer
 from retrieval.bm25 import BM25Retriever
 from retrieval.outputs import staged_dir
@@ -120,8 +120,7 @@ def _run_sft(cfg: SFTConfig) -> dict:
     if cfg.init is None:
         save_tokenizer(train_tokenizer(_tokenizer_texts(worlds[:8]), cfg.vocab_size), cfg.out)
     elif cfg.init.resolve() != cfg.out.resolve():
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(cfg.init / name, cfg.out / name)
+        copy_tokenizer_files(cfg.init, cfg.out)
     tokenizer = Tokenizer.from_dir(cfg.out, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
     # 3. oracle trajectories, or a distillation dataset -----------------------------------
     if cfg.data is not None:
@@ -164,12 +163,40 @@ def _run_sft(cfg: SFTConfig) -> dict:
     return report
 
 
-def export_checkpoint(model, out: Path) -> None:
+def export_checkpoint(
+    model, out: Path, fmt: TagFormat = DEFAULT, state_dict: dict | None = None
+) -> None:
+    """Save `model` in bf16 with the agent.json of `fmt`, the tag format it was trained on.
+    `state_dict` is the model's full weights where `model` holds only this process's shard
+    (DeepSpeed ZeRO-3: `accelerator.get_state_dict` gathers them); a caller under several
+    processes calls this on the main one only."""
     import torch
 
-    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
-    model.to(torch.float32)
-    write_agent_json(out, DEFAULT)
+    if state_dict is None:
+        model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
+        model.to(torch.float32)
+    else:
+        bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                for k, v in state_dict.items()}  # fmt: skip
+        model.save_pretrained(str(out), state_dict=bf16, safe_serialization=True)
+        config = json.loads((out / "config.json").read_text())  # it names the model's dtype
+        (out / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}, indent=2))
+    write_agent_json(out, fmt)
+
+
+# what a checkpoint's tokenizer may consist of (transformers 5 writes the chat template to its own
+# file); every one present travels with the weights
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+)  # fmt: skip
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files `src` has into `dst`."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
 
 
 def shrink(model, keep: tuple[int, ...]) -> None:
