@@ -57,24 +57,45 @@ class StopStrings:
     """Finds stop strings in a token stream, over incremental detokenization.
 
     Text is matched, not ids, so a stop string that spans several tokens or ends inside one is
-    found on the token that completes it. Only the tail that could still hold the start of a
-    match is kept, so each push costs O(longest stop string).
+    found on the token that completes it — also when that token's text ends in an unfinished
+    UTF-8 character, which the detokenizer holds back: the held text is decoded provisionally
+    and searched without its trailing U+FFFD (no stop string contains one, and the characters
+    before it are final). Only the tail that could still hold the start of a match is kept, so
+    each push costs O(longest stop string).
     """
 
     def __init__(self, tokenizer: Tokenizer, strings: tuple[str, ...]) -> None:
         self.strings = tuple(s for s in strings if s)
+        self._tok = tokenizer
         self._detok = Detokenizer(tokenizer)
         self._keep = max((len(s) for s in self.strings), default=1) - 1
         self._tail = ""
+        self._released: list[int] = []  # the ids of the detokenizer's last text (context)
+        self._held: list[int] = []  # ids pushed since, whose text it holds back
+        self._early = 0  # characters of the held text already searched (provisionally)
 
     def push(self, ids: list[int]) -> str | None:
         """Feed newly sampled ids; the stop string they complete, if any (earliest in the text)."""
         if not self.strings:
             return None
-        self._tail += self._detok.push(ids)
+        text = self._detok.push(ids)
+        if text:  # it begins with the provisional text already searched
+            self._released, self._held = self._held + ids, []
+            new, self._early = text[self._early :], 0
+        else:
+            self._held += ids
+            provisional = self._provisional()
+            new, self._early = provisional[self._early :], max(self._early, len(provisional))
+        self._tail += new
         found = [(pos, s) for s in self.strings if (pos := self._tail.find(s)) >= 0]
         self._tail = self._tail[-self._keep :] if self._keep else ""
         return min(found)[1] if found else None
+
+    def _provisional(self) -> str:
+        """The held-back text as far as it is final: decoded after the last released ids, as
+        the detokenizer will, without the unfinished character (U+FFFD) at its end."""
+        before = self._tok.decode(self._released)
+        return self._tok.decode(self._released + self._held)[len(before) :].rstrip("\ufffd")
 
 
 class Engine(Protocol):

@@ -67,6 +67,7 @@ class RunParams:
     top_k: int | None = None
     max_context: int | None = None
     deadline_s: float | None = None
+    retrieval_timeout_s: float | None = None  # each search
     # ids the model may not sample as its first token (Retro-Search rolls out the path not taken)
     first_banned: frozenset[int] = frozenset()
     # a search the run starts with, as if the model had written it (naive RAG: the question);
@@ -74,17 +75,22 @@ class RunParams:
     first_search: str | None = None
 
     def clamp(self, limits: Limits) -> RunParams:
+        """Unset values take the server's; a value above the server's is lowered to it."""
+
         def lower(value: int | None, cap: int) -> int:
             return cap if value is None else max(0, min(value, cap))
 
-        deadline = limits.deadline_s if self.deadline_s is None else self.deadline_s
+        def seconds(value: float | None, cap: float) -> float:
+            return cap if value is None else max(0.0, min(value, cap))
+
         return replace(
             self,
             max_tokens=lower(self.max_tokens, limits.max_tokens),
             max_searches=lower(self.max_searches, limits.max_searches),
             top_k=max(1, lower(self.top_k, limits.top_k)),
             max_context=lower(self.max_context, limits.max_context),
-            deadline_s=max(0.0, min(deadline, limits.deadline_s)),
+            deadline_s=seconds(self.deadline_s, limits.deadline_s),
+            retrieval_timeout_s=seconds(self.retrieval_timeout_s, limits.retrieval_timeout_s),
         )
 
 
@@ -284,6 +290,7 @@ class AgentLoop:
         """Search `query` (or say why not) and inject the documents block into `traj` (env_mask
         0), counting the search and the retrieved tokens in `usage`."""
         assert p.max_searches is not None and p.top_k is not None
+        assert p.retrieval_timeout_s is not None
         passages: list[Passage] = []
         error: str | None = None
         cause: str | None = None
@@ -296,14 +303,14 @@ class AgentLoop:
         else:
             usage.searches += 1
             now = asyncio.get_running_loop().time()
-            timeout = min(self.limits.retrieval_timeout_s, deadline - now)
+            timeout = min(p.retrieval_timeout_s, deadline - now)
             try:
                 async with asyncio.timeout(max(0.0, timeout)):
                     passages = (await self.retriever.search([query], p.top_k))[0]
             except TimeoutError:
                 past = asyncio.get_running_loop().time() >= deadline
                 error = DEADLINE_ERROR if past else RETRIEVAL_TIMED_OUT
-                cause = f"no reply within {timeout:.1f} s"
+                cause = f"no reply within {timeout:.3g} s"
             except RetrievalUnavailable as exc:  # the model reads a notice, the request goes on
                 log.warning("retrieval failed: %s", exc)
                 error, cause = RETRIEVAL_UNAVAILABLE, str(exc)
@@ -323,8 +330,12 @@ class AgentLoop:
         whole text if it wrote no tag. None when it ends inside a thought or a query (cut by its
         token budget): its unfinished reasoning is no answer. A thought is open from its open tag
         to its close tag, documents in between (R1-Searcher searches inside its thought), and from
-        the start when the prompt opens it (R1-Searcher's ends with "Assistant: <think>")."""
+        the start when the prompt opens it (R1-Searcher's ends with "Assistant: <think>"). A
+        documents-open tag the model wrote (which ended the run) and what follows are no answer."""
         fmt = self.fmt
+        forged = text.rfind(fmt.docs_open)
+        if forged >= 0 and forged > text.rfind(fmt.docs_close):
+            text = text[:forged]
         start = text.rfind(fmt.answer_open)
         if start >= 0:
             body = text[start + len(fmt.answer_open) :]

@@ -13,12 +13,14 @@ ends inside a token, text the server's detokenizer normalized), so the loop's tr
 training mask built on it — may drift from what the model sampled. `stats.fallback_chunks` counts
 the chunks decoded that way and the first one logs a warning.
 
-Failures. Only connection failures (refused, connect timeout) are retried, a few times with
-exponential backoff: the request never reached the server, so a retry cannot duplicate work.
-Nothing else is: not a read timeout (the server may still be generating), not an HTTP error, not
-a stream that broke after tokens were yielded (the caller already consumed them). Closing the
-iterator (aclose, cancellation) closes the HTTP response at once, which drops the connection; vLLM
-aborts a request whose client went away.
+Failures. Only connection failures are retried, a few times with exponential backoff: a refused
+connection, a connect timeout, or a connection the server closed before any response came (a
+pooled keep-alive connection the server had already dropped: "server disconnected without
+sending a response"). Nothing was received, so the caller has consumed nothing, and a vLLM whose
+client went away aborts whatever it started. Nothing else is retried: not a read timeout (the
+server may still be generating), not an HTTP error, not a stream that broke after its response
+began. Closing the iterator (aclose, cancellation) closes the HTTP response at once, which drops
+the connection; vLLM aborts a request whose client went away.
 
     EngineError
     ├── EngineConnectionError   the server cannot be reached (after retries) or went away mid-stream
@@ -32,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -112,8 +115,10 @@ class OpenAIEngine:
             connect=connect_timeout_s, read=read_timeout_s, write=connect_timeout_s, pool=None
         )
         self._limits = httpx.Limits(max_connections=max_connections)
-        self._http: httpx.AsyncClient | None = None
-        self._http_loop: asyncio.AbstractEventLoop | None = None
+        # a pooled client per event loop, and what closes it as that loop shuts down
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, AsyncGenerator[None, None]]
+        ] = weakref.WeakKeyDictionary()
         self._warned_fallback = False
 
     async def generate(
@@ -161,9 +166,10 @@ class OpenAIEngine:
         )
 
     async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        """Close the running loop's client (another loop's closes as that loop shuts down)."""
+        entry = self._clients.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()  # the closer's `finally` closes the client
 
     # -- request -----------------------------------------------------------------------------
 
@@ -195,21 +201,26 @@ class OpenAIEngine:
             body["logit_bias"] = bias
         return self._extra | body  # extras never override what the engine relies on
 
-    def _client(self) -> httpx.AsyncClient:
-        """One pooled client per event loop (a pool's connections belong to the loop that
-        opened them; callers such as evaluation scripts may run several loops in turn)."""
+    async def _client(self) -> httpx.AsyncClient:
+        """The running loop's pooled client. A pool's connections belong to the loop that
+        opened them, and callers such as evaluation scripts run several loops in turn
+        (`asyncio.run` each time). Each client is closed on its own loop as that loop shuts
+        down — `asyncio.run` closes the loop's async generators first, `_closed_at_shutdown`
+        among them — since once a loop is closed its connections cannot be closed."""
         loop = asyncio.get_running_loop()
-        if self._http is None or self._http_loop is not loop:
-            self._http = httpx.AsyncClient(
+        if loop not in self._clients:
+            client = httpx.AsyncClient(
                 timeout=self._timeout, limits=self._limits, headers=self._headers
             )
-            self._http_loop = loop
-        return self._http
+            closer = _closed_at_shutdown(client)
+            self._clients[loop] = (client, closer)
+            await anext(closer)  # started: the loop's async-generator hooks know it now
+        return self._clients[loop][0]
 
     @asynccontextmanager
     async def _post(self, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
         """The streaming response once its status is 200 (connection failures retried)."""
-        client = self._client()
+        client = await self._client()
         url = f"{self.base_url}/v1/completions"
         attempt = 0
         while True:
@@ -217,7 +228,10 @@ class OpenAIEngine:
                 request = client.build_request("POST", url, json=body)
                 response = await client.send(request, stream=True)
                 break
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # raised by `send`, before the status line and headers were whole: no part of the
+            # response reached the caller (httpx says "Server disconnected without sending a
+            # response" when nothing came at all)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
                 if attempt >= self.retries:
                     raise EngineConnectionError(
                         f"cannot connect to the engine at {self.base_url} after "
@@ -292,6 +306,15 @@ def discover_model(
         return str(first["id"]), first.get("max_model_len")
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise EngineProtocolError(f"{url} lists no model ({r.text[:200]!r})") from exc
+
+
+async def _closed_at_shutdown(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
+    """Suspended for the life of the loop that started it; its loop's shutdown
+    (`shutdown_asyncgens`, run by `asyncio.run`) closes it, and so the client, on that loop."""
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 # -- response ---------------------------------------------------------------------------------

@@ -209,8 +209,11 @@ def check_model(ctx: ChatContext, model: str) -> None:
         raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
 
 
-def check_context(ctx: ChatContext, prompt_ids: list[int], param: str) -> None:
-    """A prompt must leave room for at least one generated token."""
+def check_context(
+    ctx: ChatContext, prompt_ids: list[int], param: str, requested: int | None = None
+) -> None:
+    """A prompt must leave room for at least one generated token: within the server's context
+    and within the request's own `max_context` when it asks for less."""
     limit = ctx.loop.limits.max_context
     if len(prompt_ids) >= limit:
         raise ContextLengthError(
@@ -218,6 +221,29 @@ def check_context(ctx: ChatContext, prompt_ids: list[int], param: str) -> None:
             f"resulted in {len(prompt_ids)} tokens.",
             param=param,
         )
+    if requested is not None and len(prompt_ids) >= requested:
+        raise ContextLengthError(
+            f"max_context {requested} leaves no room to generate: your {param} resulted in "
+            f"{len(prompt_ids)} tokens.",
+            param="max_context",
+        )
+
+
+def run_params(ctx: ChatContext, req: ChatCompletionRequest | CompletionRequest) -> RunParams:
+    """An agent run's parameters from the request; the loop lowers each limit to the server's
+    maximum (`RunParams.clamp`)."""
+    max_tokens = req.max_tokens
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens = req.max_completion_tokens or req.max_tokens
+    return RunParams(
+        sampling=sampling_params(ctx, req),
+        max_tokens=max_tokens,
+        max_searches=req.max_searches,
+        top_k=req.top_k,
+        max_context=req.max_context,
+        deadline_s=req.deadline_s,
+        retrieval_timeout_s=req.retrieval_timeout_s,
+    )
 
 
 def sampling_params(
@@ -378,14 +404,9 @@ def prepare(ctx: ChatContext, req: ChatCompletionRequest) -> ChatRun:
     except ValueError as exc:  # the checkpoint's chat template refused these messages
         raise BadRequestError(f"these messages do not fit the model's chat template: {exc}",
                               param="messages") from exc  # fmt: skip
-    check_context(ctx, prompt_ids, "messages")
+    check_context(ctx, prompt_ids, "messages", req.max_context)
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-    params = RunParams(
-        sampling=sampling_params(ctx, req),
-        max_tokens=req.max_completion_tokens or req.max_tokens,
-        max_searches=req.max_searches,
-        top_k=req.top_k,
-    )
+    params = run_params(ctx, req)
     return ChatRun(prompt_ids, params, req.n, req.trace, tuple(s for s in stops if s))
 
 

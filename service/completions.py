@@ -14,7 +14,8 @@ One route, two handlers chosen by the `agent` extension:
 
 Differences from vLLM: one prompt and one choice per request; no logprobs or echo; an unset
 `temperature` means greedy (as in our chat route); `max_tokens` is capped by the server's
-maximum (plain decoding defaults to OpenAI's 16, an agent run to the server's maximum).
+maximum (plain decoding defaults to OpenAI's 16, an agent run to the server's maximum), and so is
+our `max_context`; our `deadline_s` and `retrieval_timeout_s` apply to agent runs only.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from service.chat import (
     collect,
     refuse_unhonoured,
     run_deltas,
+    run_params,
     sampling_params,
     sse,
     undecided_tail,
@@ -69,7 +71,7 @@ def prepare(ctx: ChatContext, req: CompletionRequest) -> PlainCompletion | Agent
     if req.logprobs is not None:
         raise BadRequestError("logprobs are not supported", param="logprobs")
     prompt_ids = _prompt_ids(ctx.loop.engine.tokenizer, req)
-    check_context(ctx, prompt_ids, "prompt")
+    check_context(ctx, prompt_ids, "prompt", req.max_context)
     if req.agent:
         for name in ("stop", "stop_token_ids", "return_token_ids"):
             if getattr(req, name):
@@ -78,27 +80,27 @@ def prepare(ctx: ChatContext, req: CompletionRequest) -> PlainCompletion | Agent
                     "its own tags and mixes sampled with injected tokens",
                     param=name,
                 )
-        params = RunParams(
-            sampling=sampling_params(ctx, req),
-            max_tokens=req.max_tokens,
-            max_searches=req.max_searches,
-            top_k=req.top_k,
-        )
-        return AgentCompletion(ctx, req, prompt_ids, params)
-    for name in ("max_searches", "top_k"):  # ours, for agent runs: not vLLM's sampling top_k
+        return AgentCompletion(ctx, req, prompt_ids, run_params(ctx, req))
+    for name, why in _AGENT_ONLY.items():
         if getattr(req, name) is not None:
-            raise BadRequestError(
-                f"{name} applies to agent runs (agent: true): plain decoding does not search"
-                + (", and has no top-k sampling" if name == "top_k" else ""),
-                param=name,
-            )
+            raise BadRequestError(f"{name} applies to agent runs (agent: true): {why}", param=name)
     limits = ctx.loop.limits  # the context limit holds here too, as the agent loop's does
-    room = limits.max_context - len(prompt_ids)  # >= 1: check_context said so
+    context = min(limits.max_context, req.max_context or limits.max_context)
+    room = context - len(prompt_ids)  # >= 1: check_context said so
     max_tokens = min(req.max_tokens or DEFAULT_MAX_TOKENS, limits.max_tokens, room)
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     stop = StopSpec(frozenset(req.stop_token_ids or ()), tuple(s for s in stops if s))
     sampling = sampling_params(ctx, req, max_tokens)
     return PlainCompletion(ctx, req, prompt_ids, sampling, stop)
+
+
+# our extensions for agent runs (`top_k` is passages per search, not vLLM's sampling top_k)
+_AGENT_ONLY = {
+    "max_searches": "plain decoding does not search",
+    "top_k": "plain decoding does not search, and has no top-k sampling",
+    "deadline_s": "plain decoding has no run deadline (set a client timeout)",
+    "retrieval_timeout_s": "plain decoding does not search",
+}
 
 
 def _prompt_ids(tok: Tokenizer, req: CompletionRequest) -> list[int]:

@@ -147,6 +147,9 @@ CompletionStop = Annotated[
     AfterValidator(_check_stop),
 ]
 PassagesK = Annotated[int | None, AfterValidator(_check_top_k)]  # ext: passages per search
+# ext: per-request limits of an agent run; above the server's maximum, the maximum applies
+ContextTokens = Annotated[int | None, Field(ge=1)]  # prompt + generated + injected tokens
+Seconds = Annotated[float | None, Field(gt=0, allow_inf_nan=False)]
 
 
 def _text_part_type(value: str) -> str:
@@ -200,6 +203,9 @@ class ChatCompletionRequest(ApiRequest):
     tool_choice: Any = None
     max_searches: int | None = Field(default=None, ge=0)  # ext
     top_k: PassagesK = None
+    max_context: ContextTokens = None  # ext
+    deadline_s: Seconds = None  # ext: the whole run, searches included
+    retrieval_timeout_s: Seconds = None  # ext: each search
     # ext: where the trace goes — reasoning_content (default), the content itself, or nowhere
     trace: Literal["reasoning", "content", "none"] = "reasoning"
 
@@ -233,6 +239,9 @@ class CompletionRequest(ApiRequest):
     agent: bool = True  # ext: run the prompt through the agent loop; false = plain decoding
     max_searches: int | None = Field(default=None, ge=0)  # ext (agent runs)
     top_k: PassagesK = None  # ext (agent runs)
+    max_context: ContextTokens = None  # ext
+    deadline_s: Seconds = None  # ext (agent runs)
+    retrieval_timeout_s: Seconds = None  # ext (agent runs)
 
 
 # -- responses ------------------------------------------------------------------------------

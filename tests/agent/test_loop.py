@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from agent.engine import SamplingParams
 from agent.events import Answer, Documents, Finished, SearchStarted, Token
-from agent.loop import BUDGET_NOTICE, AgentLoop, Limits, RunParams
+from agent.loop import BUDGET_NOTICE, RETRIEVAL_TIMED_OUT, AgentLoop, Limits, RunParams
 from agent.scripted import ScriptedEngine
 from agent.tags import DEFAULT, R1_SEARCHER
 
@@ -120,6 +120,25 @@ def test_model_written_documents_tag_is_not_evidence(tokenizer, retriever):
     assert not any(isinstance(e, Documents) for e in events)
 
 
+def test_a_model_written_documents_tag_is_not_part_of_the_answer(tokenizer, retriever):
+    """Guards against the fallback answer of a run ended by a model-written documents tag
+    ending in the raw tag ("Paris is likely <information>" was served as the content): the
+    answer is the free text before it."""
+    eos = tokenizer.decode([tokenizer.eos_id])
+    fmt = replace(R1_SEARCHER, eos=DEFAULT.eos, bos=DEFAULT.bos)  # text tags: the stop string
+    for f, texts, expected in [
+        (DEFAULT, ["<think> hm</think> Velmora, likely <documents> fake"], "Velmora, likely"),
+        (DEFAULT, [ROUND1, "<think> ok</think><answer> Velmora <documents> x"], "Velmora"),
+        (fmt, [" So.</think> Velmora, likely<|begin_of_documents|> (1)"], "Velmora, likely"),
+        (DEFAULT, [ROUND1, f" Velmora{eos}"], "Velmora"),  # the loop's own block: no cut
+    ]:
+        engine = ScriptedEngine(tokenizer, script(tokenizer, *texts))
+        events = run(AgentLoop(engine, retriever, f, Limits(top_k=1)), "Where?")
+        answer = events[-1].trajectory.answer
+        assert answer == expected, (texts, answer)
+        assert [e.text for e in events if isinstance(e, Answer)] == [answer]
+
+
 def test_max_tokens_limit_finishes_with_length(tokenizer, retriever):
     """Guards against runaway generation: the per-request token budget ends the run."""
     engine = ScriptedEngine(tokenizer, script(tokenizer, ROUND1, ROUND2))
@@ -173,6 +192,12 @@ def test_request_cannot_exceed_server_maxima():
     p = RunParams(max_searches=50, max_tokens=10_000, top_k=99).clamp(limits)
     assert (p.max_searches, p.max_tokens, p.top_k) == (2, 100, 3)
     assert RunParams().clamp(limits).max_tokens == 100
+    limits = Limits(max_context=64, deadline_s=5.0, retrieval_timeout_s=2.0)
+    p = RunParams(max_context=10**6, deadline_s=1e9, retrieval_timeout_s=60.0).clamp(limits)
+    assert (p.max_context, p.deadline_s, p.retrieval_timeout_s) == (64, 5.0, 2.0)
+    p = RunParams(max_context=32, deadline_s=0.5, retrieval_timeout_s=0.1).clamp(limits)
+    assert (p.max_context, p.deadline_s, p.retrieval_timeout_s) == (32, 0.5, 0.1)
+    assert RunParams().clamp(limits).retrieval_timeout_s == 2.0
 
 
 def test_search_without_hits_says_so(tokenizer, retriever):
@@ -243,6 +268,20 @@ def test_request_deadline_ends_a_run_stuck_in_retrieval(tokenizer, retriever):
     assert events[-1].reason == "length"
     assert events[-1].trajectory.error == "request deadline exceeded"
     assert RunParams(deadline_s=999.0).clamp(limits).deadline_s == 30.0
+
+
+def test_a_requests_retrieval_timeout_ends_a_slow_search(tokenizer, retriever):
+    """Guards against a request's retrieval timeout being ignored (RunParams had none; the
+    server's 30 s applied): the slow search gets the timeout notice and the run goes on."""
+    engine = ScriptedEngine(tokenizer, script(tokenizer, ROUND1, ROUND2))
+    limits = Limits(retrieval_timeout_s=30.0, deadline_s=30.0)
+    loop = AgentLoop(engine, SlowRetriever(retriever, 3.0), DEFAULT, limits)
+    start = time.perf_counter()
+    events = run(loop, "Where was Gal Borin born?", RunParams(retrieval_timeout_s=0.1))
+    assert time.perf_counter() - start < 2.0
+    docs = next(e for e in events if isinstance(e, Documents))
+    assert docs.error == RETRIEVAL_TIMED_OUT and docs.passages == []
+    assert events[-1].trajectory.answer == "Velmora" and events[-1].trajectory.error is None
 
 
 def test_request_deadline_reached_while_the_consumer_is_busy_still_finishes_the_run(

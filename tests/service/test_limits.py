@@ -1,5 +1,6 @@
-"""Admission (queue then 429), body limit (413), API keys (401), CORS, request ids and JSON logs —
-each over a real uvicorn serving the demo checkpoint."""
+"""Admission (queue then 429), body limit (413), API keys (401), CORS, request ids, JSON logs and
+per-request limits (max_context, deadline_s, retrieval_timeout_s) — each over a real uvicorn
+serving the demo checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import time
 import httpx
 import openai
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from service.app import create_app
 from service.middleware import JsonFormatter
@@ -36,7 +40,7 @@ def gauge(base_url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def assert_openai_error(response: httpx.Response, status: int, code: str) -> None:
+def assert_openai_error(response: httpx.Response, status: int, code: str | None) -> None:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
@@ -233,3 +237,127 @@ def test_request_id_is_echoed_and_logged_as_json(demo_app, serve_app, caplog):
     chat = next(e for e in entries if e["request_id"] == "trace-42")
     assert chat["path"] == "/v1/chat/completions" and chat["status"] == 200
     assert chat["method"] == "POST" and chat["duration_ms"] > 0 and chat["level"] == "info"
+
+
+def chat_both(url: str, body: dict) -> list[tuple[str, dict, float]]:
+    """`body` sent non-streaming and streaming: (finish_reason, usage, seconds) of each."""
+    out = []
+    for stream in (False, True):
+        start = time.monotonic()
+        sent = {**body, "stream": stream}
+        if not stream:
+            got = httpx.post(f"{url}/v1/chat/completions", json=sent, timeout=60).json()
+            finish, usage = got["choices"][0]["finish_reason"], got["usage"]
+        else:
+            sent["stream_options"] = {"include_usage": True}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=sent, timeout=60) as r:
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: {")]
+            chunks = [json.loads(ln[len("data: ") :]) for ln in lines]
+            finish = next(c["choices"][0]["finish_reason"] for c in chunks if c["choices"]
+                          and c["choices"][0]["finish_reason"])  # fmt: skip
+            usage = chunks[-1]["usage"]
+        out.append((finish, usage, time.monotonic() - start))
+    return out
+
+
+def test_a_requests_max_context_ends_the_run_at_that_context(demo_artifacts, serve_app):
+    """Guards against per-request context limits being ignored (the request models had no
+    max_context: a small one generated up to max_tokens), against one above the server's
+    maximum raising it, and against a prompt that fills the requested context running at all."""
+    app = create_app(demo_settings(demo_artifacts))
+    url = serve_app(app)
+    prompt = len(app.state.chat.loop.prompt_ids(QUESTION))
+    body = {**CHAT, "max_tokens": 64, "max_context": prompt + 5}
+    for finish, usage, _ in chat_both(url, body):
+        assert finish == "length" and usage["prompt_tokens"] == prompt
+        assert usage["completion_tokens"] + usage["retrieved_tokens"] == 5
+    text = {"model": "demo", "prompt": QUESTION, "max_tokens": 64}
+    tokens = httpx.post(f"{url}/v1/completions", json={**text, "max_tokens": 1}, timeout=60)
+    limit = tokens.json()["usage"]["prompt_tokens"] + 4
+    for agent in (True, False):
+        sent = {**text, "agent": agent, "max_context": limit}
+        got = httpx.post(f"{url}/v1/completions", json=sent, timeout=60).json()
+        assert got["usage"]["completion_tokens"] + got["usage"]["retrieved_tokens"] == 4
+        assert got["choices"][0]["finish_reason"] == "length"
+    small = {**CHAT, "max_context": prompt}
+    refused = httpx.post(f"{url}/v1/chat/completions", json=small)
+    assert_openai_error(refused, 400, "context_length_exceeded")
+    assert refused.json()["error"]["param"] == "max_context"
+
+    capped = serve_app(create_app(demo_settings(demo_artifacts, max_context=prompt + 6)))
+    for finish, usage, _ in chat_both(capped, {**body, "max_context": 10**6}):
+        assert finish == "length"
+        assert usage["completion_tokens"] + usage["retrieved_tokens"] == 6
+
+
+def test_a_requests_deadline_ends_the_run_with_the_deadline_finish(demo_artifacts, serve_app):
+    """Guards against per-request deadlines being ignored (`deadline_s` was accepted and
+    dropped: the run went on to max_tokens), and against one above the server's maximum
+    raising it."""
+    long = {**CHAT, "max_tokens": 400, "temperature": 2.0, "seed": 8}  # a long first segment
+    url = serve_app(create_app(demo_settings(demo_artifacts)))
+    for finish, usage, seconds in chat_both(url, {**long, "deadline_s": 0.05}):
+        assert finish == "length" and usage["completion_tokens"] < 400 and seconds < 5
+    capped = serve_app(create_app(demo_settings(demo_artifacts, deadline_s=0.05)))
+    for finish, usage, seconds in chat_both(capped, {**long, "deadline_s": 3600}):
+        assert finish == "length" and usage["completion_tokens"] < 400 and seconds < 5
+    text = {"model": "demo", "prompt": QUESTION, "max_tokens": 400, "deadline_s": 0.05}
+    got = httpx.post(f"{url}/v1/completions", json={**text, "temperature": 2.0, "seed": 8})
+    assert got.json()["choices"][0]["finish_reason"] == "length"
+    assert got.json()["usage"]["completion_tokens"] < 400
+
+
+def test_a_requests_retrieval_timeout_ends_a_slow_search(demo_artifacts, serve_app):
+    """Guards against per-request retrieval timeouts being ignored (the server's applied to
+    every search): a search slower than the request's timeout gets the timeout notice."""
+
+    async def slow(request):
+        await asyncio.sleep(3.0)
+        return JSONResponse({"result": [[] for _ in (await request.json())["queries"]]})
+
+    retrieval = serve_app(Starlette(routes=[Route("/retrieve", slow, methods=["POST"])]))
+    settings = Settings(
+        model=demo_artifacts / "sft", served_model_name="demo", retriever="remote",
+        retriever_url=f"{retrieval}/retrieve", retrieval_timeout_s=30.0,
+    )  # fmt: skip
+    url = serve_app(create_app(settings))
+    start = time.monotonic()
+    got = httpx.post(
+        f"{url}/v1/chat/completions", json={**CHAT, "retrieval_timeout_s": 0.2}, timeout=60
+    ).json()
+    assert time.monotonic() - start < 3.0
+    assert got["search_trace"] and got["search_trace"][0]["error"] == "retrieval timed out"
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "value"),
+    [
+        ("chat", "max_context", 0),
+        ("chat", "deadline_s", -1),
+        ("chat", "retrieval_timeout_s", "soon"),
+        ("completions", "max_context", -5),
+        ("completions", "deadline_s", 0),
+        ("completions", "retrieval_timeout_s", 0),
+    ],
+)
+def test_bad_per_request_limits_are_400s(demo_app, serve_app, route, field, value):
+    """Guards against a non-positive or non-numeric limit being accepted (or failing as a 500):
+    each is a 400 in OpenAI's error shape naming the field."""
+    url = serve_app(demo_app)
+    if route == "chat":
+        got = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, field: value})
+    else:
+        text = {"model": "demo", "prompt": QUESTION, field: value}
+        got = httpx.post(f"{url}/v1/completions", json=text)
+    assert_openai_error(got, 400, None)
+    assert got.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("field", ["deadline_s", "retrieval_timeout_s"])
+def test_agent_limits_are_refused_for_plain_decoding(demo_app, serve_app, field):
+    """Guards against a limit that plain decoding (agent: false) cannot honour being silently
+    dropped: a 400 that says it applies to agent runs."""
+    body = {"model": "demo", "prompt": QUESTION, "agent": False, field: 1.0}
+    got = httpx.post(f"{serve_app(demo_app)}/v1/completions", json=body)
+    assert_openai_error(got, 400, None)
+    assert got.json()["error"]["param"] == field and "agent runs" in got.json()["error"]["message"]

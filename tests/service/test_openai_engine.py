@@ -10,12 +10,16 @@ the CLI that puts the engine behind the service.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
+import socket
+import socketserver
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from contextlib import aclosing
 from pathlib import Path
 
@@ -467,6 +471,99 @@ def test_read_timeout_and_in_band_errors_are_not_retried(serve_app, tok):
     engine = OpenAIEngine(serve_app(broken.app), tok, "demo")
     with pytest.raises(EngineProtocolError, match="engine core died"):
         asyncio.run(collect(engine, PROMPT))
+
+
+class Hangup:
+    """A raw HTTP/1.1 server whose first `hangups` connections read the request and close: with
+    no reply at all ("before"), or after the status line and headers ("after_headers"). Later
+    ones answer with `frames` as an SSE body."""
+
+    def __init__(self, frames: list[str], hangups: int = 1, when: str = "before") -> None:
+        self.frames, self.hangups, self.when = frames, hangups, when
+        self.bodies: list[dict] = []
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                outer.serve(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def serve(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
+        while length and len(body) < int(length[1]):
+            body += conn.recv(65536)
+        self.bodies.append(json.loads(body))
+        payload = "".join(f"{frame}\n\n" for frame in self.frames).encode()
+        headers = (
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            f"content-length: {len(payload)}\r\n\r\n"
+        ).encode()
+        if len(self.bodies) > self.hangups:
+            conn.sendall(headers + payload)
+        elif self.when == "after_headers":
+            conn.sendall(headers)
+        conn.close()
+
+    def __enter__(self) -> Hangup:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_connection_closed_before_any_reply_is_retried(tok):
+    """Guards against a failed segment when the server closed the connection before sending
+    anything (a pooled keep-alive connection it had dropped: "Server disconnected without
+    sending a response" was reported, not retried) — and against retrying once the response
+    had begun: then the server may have generated, and the error is reported."""
+    with Hangup(WITH_IDS, hangups=1) as server:
+        engine = OpenAIEngine(server.url, tok, "demo", retries=2, backoff_s=0.01)
+        ids, last = asyncio.run(collect(engine, PROMPT))
+    assert ids == [i for chunk in SAMPLED for i in chunk] and finish(last) == ("stop", 4, None)
+    assert engine.stats.connect_retries == 1 and len(server.bodies) == 2
+    with Hangup(WITH_IDS, hangups=5) as server:
+        engine = OpenAIEngine(server.url, tok, "demo", retries=2, backoff_s=0.01)
+        with pytest.raises(EngineConnectionError, match="after 3 attempts: Server disconnected"):
+            asyncio.run(collect(engine, PROMPT))
+    assert len(server.bodies) == 3
+    with Hangup(WITH_IDS, hangups=1, when="after_headers") as server:
+        engine = OpenAIEngine(server.url, tok, "demo", retries=2, backoff_s=0.01)
+        with pytest.raises(EngineConnectionError, match="mid-stream after 0 tokens"):
+            asyncio.run(collect(engine, PROMPT))
+    assert engine.stats.connect_retries == 0 and len(server.bodies) == 1
+
+
+def test_each_event_loops_client_is_closed_with_its_loop(serve_app, tok):
+    """Guards against leaking a connection pool per event loop: run in turn under several
+    `asyncio.run`s (evaluation scripts), the engine replaced its client without closing the
+    old one, whose kept-alive connection stayed open until garbage collection (an "unclosed
+    transport" ResourceWarning)."""
+    hits: list[int] = []
+
+    async def reject(request: Request):  # read in full: the connection goes back to the pool
+        hits.append(1)
+        return JSONResponse({"error": {"message": "no"}}, status_code=400)
+
+    url = serve_app(Starlette(routes=[Route("/v1/completions", reject, methods=["POST"])]))
+    engine = OpenAIEngine(url, tok, "demo")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with pytest.raises(EngineHTTPError):
+                asyncio.run(collect(engine, PROMPT))
+        del engine
+        gc.collect()
+    assert len(hits) == 3
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 # -- (5) closing the iterator aborts the request --------------------------------------------------
