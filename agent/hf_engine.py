@@ -11,6 +11,9 @@ step; only a row that leaves is moved (the last row takes its slot), costing one
 When a request ends, its row's keys/values are parked as a *session* keyed by the ids they cover.
 The next request whose context starts with those ids (the same conversation after documents were
 injected) copies the session back and prefills only the new tokens: the prefix is never re-run.
+Prefixes held by live rows are shared the same way: a request admitted while a running row (or
+one admitted in the same step: the n choices of one chat request, one system prompt for many
+users) holds 16 or more of its first tokens copies that row's keys/values for them.
 
 Why an own scheduler and not transformers' `ContinuousBatchingManager`: see BENCHMARKS.md
 ("Engine: batching"). In short, the loop needs token-exact continuations from parked sessions,
@@ -70,6 +73,7 @@ class _Request:
     cancelled: bool = False
     cancelled_at_step: int = 0
     done: bool = False
+    error: Exception | None = None  # its prefill failed; it fails once the step's forwards ran
 
 
 class TransformersEngine:
@@ -106,6 +110,7 @@ class TransformersEngine:
                 raise ValueError(f"cannot load a model from {model_dir}: {reason}") from exc
             self.model.to(self.device).eval()
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self._vocab = int(self.model.get_input_embeddings().num_embeddings)
         self.max_batch = max_batch
         self.stats = EngineStats()
         self._sessions: OrderedDict[int, _Session] = OrderedDict()
@@ -145,6 +150,9 @@ class TransformersEngine:
             raise ValueError(f"context of {len(prompt_ids)} tokens exceeds {self.max_context}")
         if params.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        if (bad := next((i for i in prompt_ids if not 0 <= i < self._vocab), None)) is not None:
+            # checked here: on CUDA an embedding lookup out of range kills the whole process
+            raise ValueError(f"prompt token id {bad} is out of vocabulary (0..{self._vocab - 1})")
         out: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
         req = _Request(
             prompt=list(prompt_ids),
@@ -188,11 +196,11 @@ class TransformersEngine:
                 self._sessions.clear()
             try:
                 self._schedule()
-            except Exception as exc:  # a failed forward fails its requests, never the thread
-                for req in self._rows + self._waiting:
-                    req.done = True
+            except Exception as exc:  # a decode forward is every row's: all running rows fail
+                for req in self._rows:  # (waiting requests stay queued), never the thread
+                    req.done, req.slot = True, -1
                     self._outbox.append((req, exc))
-                self._rows, self._waiting = [], []
+                self._rows = []
             self._deliver()
 
     def _deliver(self) -> None:
@@ -214,11 +222,15 @@ class TransformersEngine:
         for req in [r for r in self._rows if r.cancelled]:
             self._release(req)
         self._waiting = [r for r in self._waiting if not r.cancelled]
+        running = list(self._rows)
         admitted: list[_Request] = []
         while self._waiting and len(self._rows) < self.max_batch:
-            admitted.append(self._admit(self._waiting.pop(0)))
-        for group in _prefill_groups(admitted):
-            self._prefill(group)
+            req = self._waiting.pop(0)
+            try:
+                admitted.append(self._admit(req))
+            except Exception as exc:  # growing the store for it (out of memory): its own failure
+                self._fail(req, exc)
+        self._prefill_all(running, admitted)
         if self._rows:
             self._decode_step()
 
@@ -236,13 +248,72 @@ class TransformersEngine:
         self.stats.reused_tokens += len(req.ids)
         return req
 
-    def _prefill(self, group: list[_Request]) -> None:
-        """One forward over the new tokens of `group` (consecutive rows), padded to the longest;
-        then each row samples its first token."""
-        if any(r.slot != group[0].slot + i for i, r in enumerate(group)):  # a row left meanwhile
-            for r in group:
-                self._prefill([r])
-            return
+    def _prefill_all(self, running: list[_Request], admitted: list[_Request]) -> None:
+        """Prefill `admitted`, each sharing the longest prefix held by a running row or by a
+        request admitted before it (n=4 choices, one system prompt for many users): that prefix
+        is copied, not re-run. Requests sharing with one admitted now (followers) are prefilled
+        after it. Every forward comes before any row samples (which may release a row and move
+        another), so rows stay where `_admit` put them; a failed prefill fails only its request."""
+        leaders: list[_Request] = []
+        followers: list[tuple[_Request, _Request, int]] = []
+        for req in admitted:
+            donor, n = self._donor(req, running, leaders)
+            if donor is None or donor.slot < len(running):  # running rows hold slots 0..
+                if donor is not None:
+                    self._share(req, donor, n)
+                leaders.append(req)
+            else:
+                followers.append((req, donor, n))
+        sampled = [x for g in _prefill_groups(leaders) for x in self._prefill_isolated(g)]
+        for req, donor, n in followers:
+            if donor.error is None:
+                self._share(req, donor, n)
+        later = _prefill_groups([req for req, _, _ in followers])
+        sampled += [x for g in later for x in self._prefill_isolated(g)]
+        for req in admitted:
+            if req.error is not None:
+                self._fail(req, req.error)
+        for req, logits in sampled:
+            self._accept(req, logits)
+
+    def _donor(
+        self, req: _Request, running: list[_Request], leaders: list[_Request]
+    ) -> tuple[_Request | None, int]:
+        """The row holding the longest prefix of `req.prompt` (and its length), if that is at
+        least `_MIN_SHARE` tokens more than `req` holds already: a running row (its `ids`) or a
+        leader admitted in this step (its `prompt`, once prefilled). At least one prompt token is
+        left to run, since its logits pick the next token."""
+        best: _Request | None = None
+        best_n = len(req.ids) + _MIN_SHARE - 1
+        limit = len(req.prompt) - 1
+        for other, ids in [(r, r.ids) for r in running] + [(r, r.prompt) for r in leaders]:
+            n = _common_prefix(ids, req.prompt, limit)
+            if n > best_n:
+                best, best_n = other, n
+        return best, best_n
+
+    def _share(self, req: _Request, donor: _Request, n: int) -> None:
+        """Copy `donor`'s keys/values of the first `n` prompt tokens into `req`'s row."""
+        self._store.copy_row(donor.slot, req.slot, n)
+        gained = n - len(req.ids)
+        req.ids = req.prompt[:n]
+        self.stats.prefill_tokens -= gained
+        self.stats.reused_tokens += gained
+
+    def _prefill_isolated(self, group: list[_Request]) -> list[tuple[_Request, torch.Tensor]]:
+        """`_prefill` of `group`, paired with each row's logits. When it fails, each row runs
+        again alone: the failure is pinned (in `error`) on the request that fails alone."""
+        try:
+            return list(zip(group, self._prefill(group), strict=True))
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                return []
+        return [x for req in group for x in self._prefill_isolated([req])]
+
+    def _prefill(self, group: list[_Request]) -> torch.Tensor:
+        """One forward over the new tokens of `group` (consecutive rows), padded to the longest:
+        the logits (rows, vocab) at each row's last token."""
         starts = [len(r.ids) for r in group]
         news = [r.prompt[len(r.ids) :] for r in group]
         q = max(len(n) for n in news)
@@ -264,9 +335,8 @@ class TransformersEngine:
         finally:
             self._plan.starts = []
         for req, new in zip(group, news, strict=True):
-            req.ids = req.ids + new  # all rows first: `_accept` may release a row and move another
-        for req, row_logits in zip(group, logits, strict=True):
-            self._accept(req, row_logits)
+            req.ids = req.ids + new
+        return logits
 
     def _decode_step(self) -> None:
         rows = self._rows
@@ -303,26 +373,40 @@ class TransformersEngine:
         return self._head(picked).float()
 
     def _accept(self, req: _Request, logits: torch.Tensor) -> None:
-        """Sample the row's next token and queue it for its caller; release a finished row."""
+        """Sample the row's next token and queue it for its caller; release a finished row. A
+        failure here (sampling, detokenizing) is this request's alone: only it fails."""
         if req.cancelled:
             self._release(req)
             return
+        try:
+            chunk = self._next_chunk(req, logits)
+        except Exception as exc:
+            self._fail(req, exc)
+            return
+        if chunk.finish_reason is None:
+            req.pending = chunk.ids[0]
+        else:
+            req.done = True
+            self._release(req)  # before the last chunk: a caller that saw it sees the row free
+        self._outbox.append((req, chunk))
+
+    def _next_chunk(self, req: _Request, logits: torch.Tensor) -> TokenChunk:
         token = _sample(logits, req.params, req.generator)
         req.produced += 1
-        chunk: TokenChunk
         if token in req.stop.token_ids or token in self.tokenizer.stop_ids:
-            chunk = TokenChunk([token], "stop", token)
-        elif (found := req.strings.push([token])) is not None:
-            chunk = TokenChunk([token], "stop", stop_str=found)
-        elif req.produced >= req.params.max_tokens or len(req.ids) + 1 >= self.max_context:
-            chunk = TokenChunk([token], "length")
-        else:
-            req.pending = token
-            self._outbox.append((req, TokenChunk([token])))
-            return
+            return TokenChunk([token], "stop", token)
+        if (found := req.strings.push([token])) is not None:
+            return TokenChunk([token], "stop", stop_str=found)
+        if req.produced >= req.params.max_tokens or len(req.ids) + 1 >= self.max_context:
+            return TokenChunk([token], "length")
+        return TokenChunk([token])
+
+    def _fail(self, req: _Request, exc: Exception) -> None:
+        """End `req` with `exc`; its row is not parked (a failed forward leaves it half written)."""
         req.done = True
-        self._release(req)  # before the last chunk: a caller that saw it sees the row free
-        self._outbox.append((req, chunk))
+        req.ids = []
+        self._release(req)
+        self._outbox.append((req, exc))
 
     def _release(self, req: _Request) -> None:
         """Park the row's keys/values as a session and give its slot to the last row."""
@@ -336,7 +420,7 @@ class TransformersEngine:
             self._park(_Session(list(req.ids), self._store.read_row(slot, len(req.ids))))
         last = self._rows.pop()
         if last is not req:
-            self._store.move_row(last.slot, slot, len(last.ids))
+            self._store.copy_row(last.slot, slot, len(last.ids))
             last.slot = slot
             self._rows[slot] = last
         req.slot = -1
@@ -393,12 +477,12 @@ def _put_all(items: list[tuple[_Request, Any]]) -> None:
 
 
 def _prefill_groups(reqs: list[_Request]) -> list[list[_Request]]:
-    """Split consecutive admitted rows into prefill batches whose padding stays small: a group
-    grows while (rows x longest) <= 1.25 x its real tokens + 64."""
+    """Split admitted rows into prefill batches of consecutive slots whose padding stays small:
+    a group grows while (rows x longest) <= 1.25 x its real tokens + 64."""
     groups: list[list[_Request]] = []
     for req in reqs:
         n = len(req.prompt) - len(req.ids)
-        if groups:
+        if groups and groups[-1][-1].slot + 1 == req.slot:
             g = groups[-1]
             sizes = [len(r.prompt) - len(r.ids) for r in g] + [n]
             if len(sizes) * max(sizes) <= 1.25 * sum(sizes) + 64:
@@ -406,6 +490,9 @@ def _prefill_groups(reqs: list[_Request]) -> list[list[_Request]]:
                 continue
         groups.append([req])
     return groups
+
+
+_MIN_SHARE = 16  # fewer shared tokens are cheaper to prefill again than to copy a row for
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

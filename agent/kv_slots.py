@@ -96,11 +96,13 @@ class SlotKV:
             self._kv[i] = have = (nk, nv)
         return have
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        for kv in self._kv:
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row `src`'s first `length` columns into row `dst` (grown into first, as `reserve`d)."""
+        for i, kv in enumerate(self._kv):
             if kv is not None:
-                kv[0][dst, :, :length] = kv[0][src, :, :length]
-                kv[1][dst, :, :length] = kv[1][src, :, :length]
+                keys, values = self.layer(i, *kv)
+                keys[dst, :, :length] = keys[src, :, :length]
+                values[dst, :, :length] = values[src, :, :length]
 
     def read_row(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [

@@ -1,4 +1,5 @@
-"""TransformersEngine on a real (tiny, suite-trained) checkpoint: prefix reuse and cancellation."""
+"""TransformersEngine on a real (tiny, suite-trained) checkpoint: prefix reuse and sharing,
+cancellation, failure isolation."""
 
 from __future__ import annotations
 
@@ -235,10 +236,10 @@ def test_cancelled_request_frees_its_row_within_one_step_while_others_run(engine
     assert [chunks[-1].finish_reason is not None for chunks in rest] == [True, True]
 
 
-async def admitted_together(engine, calls):
+async def admitted_together(engine, calls, first=None):
     """Run `calls` ((prompt ids, max_tokens) pairs) so that one scheduler step admits them all:
-    the scheduler is held inside a decode step of a long request until all of them are queued.
-    Returns each call's ids."""
+    the scheduler is held inside a decode step of a long request (`first`'s ids, if given) until
+    all of them are queued. Returns each call's ids, or the exception it raised."""
     held, hold = threading.Event(), threading.Event()
     step = engine._decode_step
 
@@ -256,14 +257,15 @@ async def admitted_together(engine, calls):
     engine._decode_step = gated_step
     try:
         # no BOS: shares no prefix with the calls, so it takes none of their parked sessions
-        long = asyncio.create_task(one(engine.tokenizer.encode(" Who founded Ostland? "), 40))
+        first = first or engine.tokenizer.encode(" Who founded Ostland? ")
+        long = asyncio.create_task(one(first, 40))
         assert await asyncio.to_thread(held.wait, 30)  # prefilled; its first step is held
         tasks = [asyncio.create_task(one(ids, n)) for ids, n in calls]
         while engine._inbox.qsize() < len(calls):  # the held scheduler cannot take them yet
             await asyncio.sleep(0.001)
         hold.set()
-        results = await asyncio.gather(*tasks)
-        await long
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(long, return_exceptions=True)
         return results
     finally:
         hold.set()
@@ -352,3 +354,139 @@ def test_a_new_conversation_does_not_take_another_ones_parked_session(tiny_check
     generate(engine, a + injected, n=5)
     assert engine.stats.prefill_tokens - before[0] == len(injected) + 1
     assert engine.stats.reused_tokens - before[1] == len(a) - 1
+
+
+def long_prompt(tok, question):
+    """A prompt whose first 20+ tokens are a shared system-style preamble."""
+    preamble = " You answer questions about a small world. Search when unsure. Answer briefly."
+    return [tok.bos_id] + tok.encode(preamble + f" question: {question} ")
+
+
+def test_n_identical_prompts_admitted_together_prefill_the_prompt_once(tiny_checkpoint):
+    """Guards against re-prefilling a prefix the engine already holds (a chat request with n=4
+    prefilled its prompt four times): four identical greedy requests admitted in one step run
+    the prompt once plus one token each for the other three, and give what they give alone."""
+    tok = load_tokenizer(tiny_checkpoint, load_format(tiny_checkpoint))
+    engine = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_sessions=0)
+    prompt = long_prompt(tok, "Where was Gal Borin born?")
+    alone = [generate(engine, prompt, 12) for _ in range(4)]
+    assert alone[0] == alone[3]
+    first = tok.encode(" Who founded Ostland? ")  # holds the step; shares nothing (no BOS)
+    before = (engine.stats.prefill_tokens, engine.stats.reused_tokens)
+    together = asyncio.run(admitted_together(engine, [(prompt, 12)] * 4, first))
+    assert together == alone
+    assert engine.stats.prefill_tokens - before[0] == len(first) + len(prompt) + 3
+    assert engine.stats.reused_tokens - before[1] == 3 * (len(prompt) - 1)
+
+
+def test_a_shared_preamble_is_copied_from_running_and_co_admitted_rows(tiny_checkpoint):
+    """Guards against sharing only whole prompts, or only among requests admitted together:
+    requests that share a preamble with a running row and with each other run only the tokens
+    after it, and give what they give alone."""
+    tok = load_tokenizer(tiny_checkpoint, load_format(tiny_checkpoint))
+    engine = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_sessions=0)
+    running = long_prompt(tok, "Who founded Ostland?")
+    prompts = [long_prompt(tok, f"Where was {n} born?") for n in ["Gal Borin", "Tam Osker"]]
+    # the first shares the preamble with the running row; the second more, with the first
+    shared = [common(prompts[0], running), common(prompts[1], prompts[0])]
+    assert 16 <= shared[0] < shared[1] < len(prompts[1]) - 1
+    alone = [generate(engine, p, 10) for p in prompts]
+    before = (engine.stats.prefill_tokens, engine.stats.reused_tokens)
+    together = asyncio.run(admitted_together(engine, [(p, 10) for p in prompts], running))
+    assert together == alone
+    own = sum(len(p) - n for p, n in zip(prompts, shared, strict=True))
+    assert engine.stats.prefill_tokens - before[0] == len(running) + own
+    assert engine.stats.reused_tokens - before[1] == sum(shared)
+
+
+def common(a, b):
+    """How many first tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def test_a_request_failing_to_sample_fails_alone(tiny_checkpoint):
+    """Guards against one request's error failing every request: a logit_bias id outside the
+    vocabulary (the service rejects it; the engine is also driven directly) makes sampling
+    raise for that request only, while the requests prefilled and decoded with it finish."""
+    tok = load_tokenizer(tiny_checkpoint, load_format(tiny_checkpoint))
+    engine = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_sessions=0)
+    names = ["Gal Borin", "Tam Osker", "Drell"]
+    calls = [([tok.bos_id] + tok.encode(f" question: Where was {n} born? "), 8) for n in names]
+    alone = [generate(engine, ids, n) for ids, n in calls]
+
+    async def go():
+        bad = SamplingParams(max_tokens=8, logit_bias=((10**7, 1.0),))
+        with pytest.raises(IndexError):
+            async for _ in engine.generate(calls[1][0], bad, StopSpec()):
+                pass
+
+    async def both():
+        return await asyncio.gather(admitted_together(engine, calls), go())
+
+    together, _ = asyncio.run(both())
+    assert together == alone
+    assert engine.running == 0
+
+
+def test_a_failing_prefill_fails_only_its_request(tiny_checkpoint):
+    """Guards against a prefill error failing every running and waiting request: when the
+    batched prefill fails, each request is prefilled again alone and only the one that fails
+    alone gets the error; the others give what they give alone."""
+    tok = load_tokenizer(tiny_checkpoint, load_format(tiny_checkpoint))
+    engine = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_sessions=0)
+    names = ["Gal Borin", "Tam Osker", "Drell"]
+    calls = [([tok.bos_id] + tok.encode(f" question: Where was {n} born? "), 8) for n in names]
+    alone = [generate(engine, ids, n) for ids, n in calls]
+    used = {i for ids, _ in calls for i in ids} | set(tok.encode(" Who founded Ostland? "))
+    marker = next(i for i in range(5, 1000) if i not in used)
+    calls[1] = (calls[1][0] + [marker], 8)
+
+    def fail_on_marker(_, args, kwargs):  # a fault only this request's prefill meets
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and bool((ids == marker).any()):
+            raise RuntimeError("injected prefill fault")
+
+    hook = engine._decoder.register_forward_pre_hook(fail_on_marker, with_kwargs=True)
+    try:
+        together = asyncio.run(admitted_together(engine, calls))
+    finally:
+        hook.remove()
+    assert isinstance(together[1], RuntimeError)
+    assert [together[0], together[2]] == [alone[0], alone[2]]
+    assert engine.running == 0
+
+
+def test_a_failing_decode_step_leaves_waiting_requests_queued(tiny_checkpoint):
+    """Guards against a decode error failing requests that were only waiting for a row: the
+    running rows share the failed forward and fail; a request queued behind them still runs."""
+    tok = load_tokenizer(tiny_checkpoint, load_format(tiny_checkpoint))
+    engine = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_sessions=0, max_batch=1)
+    prompt = [tok.bos_id] + tok.encode(" question: Where was Gal Borin born? ")
+    alone = generate(engine, prompt, 8)
+    raised: list[int] = []
+
+    def fail_with_waiting(_, args, kwargs):  # a decode step while a request waits for a row
+        if kwargs["input_ids"].shape[1] == 1 and engine._waiting and not raised:
+            raised.append(1)
+            raise RuntimeError("injected decode fault")
+
+    hook = engine._decoder.register_forward_pre_hook(fail_with_waiting, with_kwargs=True)
+    try:
+        together = asyncio.run(admitted_together(engine, [(prompt, 8)]))
+    finally:
+        hook.remove()
+    assert raised == [1]
+    assert together == [alone]
+
+
+def test_a_prompt_id_outside_the_vocabulary_is_a_value_error(engine):
+    """Guards against an out-of-range prompt id reaching the embedding (on CUDA a device-side
+    assert that takes the process down): it is a ValueError, and the engine serves on."""
+    tok = engine.tokenizer
+    prompt = [tok.bos_id] + tok.encode(" question: Where was Gal Borin born? ")
+    vocab = engine.model.get_input_embeddings().num_embeddings
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=f"prompt token id {bad} is out of vocabulary"):
+            generate(engine, prompt + [bad])
+    assert len(generate(engine, prompt, n=3)) == 3
