@@ -5,8 +5,9 @@ and one search, so they stay fast) with malformed ones: wrong types, missing fie
 negative numbers, control characters, NUL and lone surrogates, deep nesting, bytes that are not
 JSON or not UTF-8, empty bodies and wrong content types, streaming or not. Every response must be
 a 2xx or an OpenAI-shaped error, never a 5xx; a stream must end with `data: [DONE]` and carry no
-error frame; a request that takes 30 s is a hang. The run is derandomized: the same requests
-every time, so a failure reproduces.
+error frame; a request that takes 30 s is a hang. The run is derandomized, but Hypothesis also
+draws literals from every local module loaded (its "local constants"), so the requests are the same
+only for the same code and the same modules imported: a failure prints the request it sent.
 """
 
 from __future__ import annotations
@@ -315,8 +316,9 @@ def test_fuzzed_requests_never_get_a_5xx_or_hang(fuzz_url):
 
         fuzz()
     assert tally.sent >= 1_000, tally
-    # not a run of rejections only: the model path, streams and errors were all exercised
-    assert tally.generated >= 100 and tally.streams >= 50 and tally.errors >= 300, tally
+    # not a run of rejections only: the model path, streams and errors were all exercised (about
+    # 115, 55 and 700 of them; the mix moves with the constants Hypothesis picks up, see above)
+    assert tally.generated >= 80 and tally.streams >= 30 and tally.errors >= 300, tally
 
 
 # -- what the fuzzer found (fixed, kept as regressions), minimised ------------------------
