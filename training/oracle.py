@@ -5,6 +5,10 @@ to think, what to search and what to answer. It speaks through a `ScriptedEngine
 `AgentLoop`, so the documents in its trajectories are the retriever's real results, tokenized and
 masked (`env_mask` 0) exactly as at serving time. A trajectory whose retrieval did not surface a
 needed fact is dropped: the model must never learn to answer from nothing.
+
+It speaks any `TagFormat`: each round is a closed thought then a search (`default`, `search-r1`),
+or, where the prompt itself opens the thought (R1-Searcher's `Assistant: <think>`), one thought
+that holds every search and closes before the answer, as R1-Searcher's traces do.
 """
 
 from __future__ import annotations
@@ -103,7 +107,11 @@ def _plan(
         query = f"{step['entity']} {RELATIONS[step['relation']].keyword}"
         return f"{fmt.search_open} {query}{fmt.search_close}"
 
-    def think(text: str) -> str:
+    opened = fmt.prompt_template.rstrip().endswith(fmt.think_open)  # one thought, from the prompt
+
+    def think(text: str, last: bool = False) -> str:
+        if opened:
+            return text + (fmt.think_close if last else "")
         return f"{fmt.think_open}{text}{fmt.think_close}"
 
     segments: list[str] = []
@@ -138,7 +146,7 @@ def _plan(
     last = [len(steps) - 1] if question["type"] != "comparison" else range(len(steps))
     summary = "".join(f" {fact(steps[i])}." for i in last if i not in stated)
     answer = f"{fmt.answer_open} {question['answer']}{fmt.answer_close}"
-    segments.append(think(thought + summary) + answer)
+    segments.append(think(thought + summary, last=True) + answer)
     return segments, looks_up
 
 

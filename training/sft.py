@@ -13,6 +13,10 @@ Phases, top to bottom:
                  change (see `_copy_rows`), so copying a name is a skill the model already has;
   5. SFT       — TRL's `SFTTrainer` on the trajectories;
   6. export    — HF config + bf16 safetensors + tokenizer + `agent.json`.
+
+`format` picks the tag preset the oracle speaks (its tags, prompt template and document rendering,
+exactly as the loop serves them) and the one `agent.json` names; continuing an `init` checkpoint
+keeps its format, and retraining it in another takes `switch_format` (see `training_format`).
 """
 
 from __future__ import annotations
@@ -29,15 +33,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from agent.checkpoint import write_agent_json
+from agent.checkpoint import AGENT_FILE, load_format, write_agent_json
 from agent.events import Trajectory
-from agent.tags import DEFAULT, SPECIAL_TOKENS, TagFormat
-from agent.tokenizer import Tokenizer
+from agent.tags import DEFAULT, SPECIAL_TOKENS, TagFormat, get_format
+from agent.tokenizer import Tokenizer, read_chat_template
 from retrieval.bm25 import BM25Retriever
 from retrieval.outputs import staged_dir
 from training.model import ModelSize, create_model, no_activation_checkpointing
 from training.oracle import Waste, oracle_segments, oracle_trajectory
-from training.tokenizer import save_tokenizer, train_tokenizer
+from training.tokenizer import DEMO_CHAT_TEMPLATE, save_tokenizer, train_tokenizer
 from training.world import (
     WorldConfig,
     generate_world,
@@ -79,6 +83,8 @@ class SFTConfig:
     lr: float = 1e-3
     bf16: bool = False  # CPU bf16 autocast measured ~25x slower than fp32 here
     seed: int = 0
+    format: str | None = None  # tag preset; None: init's (agent.json), else `default`
+    switch_format: bool = False  # allow `format` to differ from init's (retrain its tags)
 
 
 def check_number(name: str, value: object, *, positive: bool, finite: bool = True) -> None:
@@ -92,6 +98,27 @@ def check_number(name: str, value: object, *, positive: bool, finite: bool = Tru
         raise ValueError(f"{name} must be {what} {'> 0' if positive else '>= 0'}, not {value!r}")
 
 
+def training_format(
+    init: Path | None, requested: str | None, *, switch: bool = False, hint: str = ""
+) -> TagFormat | None:
+    """The tag format a run on `init` trains in: the `requested` preset, else the one `init`'s
+    agent.json names; None when neither says. A `requested` preset other than `init`'s is refused
+    (ValueError, one line, ending in `hint`) unless `switch`: SFT can teach a policy new tags,
+    but RL on a policy that samples another format's tags earns no reward at all."""
+    fmt = get_format(requested) if requested else None  # unknown preset: ValueError naming them
+    if init is None or not (init / AGENT_FILE).is_file():
+        return fmt
+    trained = load_format(init)
+    if fmt is None or fmt.name == trained.name:
+        return trained  # its own fields win over the preset's, as at serving
+    if not switch:
+        raise ValueError(
+            f"{init} was trained in tag format {trained.name!r} (its agent.json), not "
+            f"{fmt.name!r}: a policy samples the tags it was trained on{hint}"
+        )
+    return fmt
+
+
 def run_sft(cfg: SFTConfig) -> dict:
     """Train and export the checkpoint into `cfg.out`: a new or empty directory, or an earlier
     checkpoint, which the new one replaces only once it is complete (`staged_dir`): a failure or
@@ -99,14 +126,20 @@ def run_sft(cfg: SFTConfig) -> dict:
     if (cfg.data or cfg.knowledge) is not None and cfg.init is None:
         raise ValueError("data and knowledge fine-tune a checkpoint: they need init")
     check_number("lr", cfg.lr, positive=True)
+    hint = ": set switch_format (--switch-format) to retrain it in another"
+    fmt = training_format(cfg.init, cfg.format, switch=cfg.switch_format, hint=hint) or DEFAULT
+    if fmt.chat and cfg.init is not None and read_chat_template(cfg.init) is None:
+        raise ValueError(
+            f"tag format {fmt.name!r} is a chat format; {cfg.init} has no chat template"
+        )
     with staged_dir(cfg.out, "config.json", "checkpoint") as work:
-        report = _run_sft(replace(cfg, out=work))
+        report = _run_sft(replace(cfg, out=work), fmt)
         report["config"]["out"] = str(cfg.out)
         (work / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _run_sft(cfg: SFTConfig) -> dict:
+def _run_sft(cfg: SFTConfig, fmt: TagFormat) -> dict:
     t0 = time.monotonic()
     own_rows = cfg.data is not None or cfg.knowledge is not None  # no generated worlds
     # 1. worlds --------------------------------------------------------------------------
@@ -118,17 +151,21 @@ def _run_sft(cfg: SFTConfig) -> dict:
         worlds.append((corpus, train))
     # 2. tokenizer (trained, or the initial checkpoint's) -----------------------------------
     if cfg.init is None:
-        save_tokenizer(train_tokenizer(_tokenizer_texts(worlds[:8]), cfg.vocab_size), cfg.out)
+        tok = train_tokenizer(_tokenizer_texts(worlds[:8], fmt), cfg.vocab_size)
+        save_tokenizer(tok, cfg.out, DEMO_CHAT_TEMPLATE if fmt.chat else None)
     elif cfg.init.resolve() != cfg.out.resolve():
         copy_tokenizer_files(cfg.init, cfg.out)
     tokenizer = Tokenizer.from_dir(cfg.out, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
+    # the trajectories' own: the format's BOS (or none) and EOS, as `serve` loads the checkpoint
+    # (an EOS string the vocabulary lacks, like r1-searcher's Qwen one, falls back to ours)
+    speaker = Tokenizer.from_dir(cfg.out, fmt.eos, fmt.bos, extra_eos=[tokenizer.eos_id])
     # 3. oracle trajectories, or a distillation dataset -----------------------------------
     if cfg.data is not None:
         rows = read_distillation(cfg.data, tokenizer.vocab_size)
     elif cfg.knowledge is not None:
-        rows = asyncio.run(_knowledge_rows(cfg.knowledge, tokenizer, cfg))
+        rows = asyncio.run(_knowledge_rows(cfg.knowledge, speaker, cfg, fmt))
     else:
-        rows = asyncio.run(_trajectories(worlds, tokenizer, cfg))
+        rows = asyncio.run(_trajectories(worlds, speaker, cfg, fmt))
     # 4–5. warm-up then SFT ----------------------------------------------------------------
     if cfg.init is None:
         model = create_model(
@@ -152,7 +189,7 @@ def _run_sft(cfg: SFTConfig) -> dict:
             shrink(model, cfg.keep_layers)
     losses = _train(model, tokenizer, rows, cfg, cfg.steps, "sft")
     # 6. export ----------------------------------------------------------------------------
-    export_checkpoint(model, cfg.out)
+    export_checkpoint(model, cfg.out, fmt)
     report = {
         "trajectories": len(rows),
         "worlds": 1 if cfg.knowledge else 0 if cfg.data else len(cfg.world_seeds),
@@ -294,13 +331,13 @@ def _with_seed(config: WorldConfig, seed: int) -> WorldConfig:
     return replace(config, seed=seed)
 
 
-def _tokenizer_texts(worlds: list[tuple[list[dict], list[dict]]]) -> list[str]:
+def _tokenizer_texts(worlds: list[tuple[list[dict], list[dict]]], fmt: TagFormat) -> list[str]:
     texts: list[str] = []
     for corpus, questions in worlds:
         texts += [f" {p['title']}: {p['text']}" for p in corpus]
         for q in questions[:300]:
-            texts.append(DEFAULT.prompt(q["question"]))
-            texts += oracle_segments(q, DEFAULT)
+            texts.append(fmt.prompt(q["question"]))
+            texts += oracle_segments(q, fmt)
     return texts
 
 
@@ -315,7 +352,7 @@ def _sample_questions(questions: list[dict], n: int, rng: random.Random) -> list
     return picked
 
 
-async def _trajectories(worlds, tokenizer: Tokenizer, cfg: SFTConfig) -> list[dict]:
+async def _trajectories(worlds, tokenizer: Tokenizer, cfg: SFTConfig, fmt: TagFormat) -> list[dict]:
     rng = random.Random(cfg.seed)
     rows: list[dict] = []
     dropped = 0
@@ -323,9 +360,7 @@ async def _trajectories(worlds, tokenizer: Tokenizer, cfg: SFTConfig) -> list[di
     for corpus, train in worlds:
         retriever = BM25Retriever.build(corpus)
         for q in _sample_questions(train, cfg.per_world, rng):
-            traj = await oracle_trajectory(
-                q, tokenizer, retriever, DEFAULT, cfg.top_k, cfg.waste, rng
-            )
+            traj = await oracle_trajectory(q, tokenizer, retriever, fmt, cfg.top_k, cfg.waste, rng)
             bar.update(1)
             if traj is None:
                 dropped += 1
@@ -336,7 +371,9 @@ async def _trajectories(worlds, tokenizer: Tokenizer, cfg: SFTConfig) -> list[di
     return rows
 
 
-async def _knowledge_rows(world_dir: Path, tokenizer: Tokenizer, cfg: SFTConfig) -> list[dict]:
+async def _knowledge_rows(
+    world_dir: Path, tokenizer: Tokenizer, cfg: SFTConfig, fmt: TagFormat = DEFAULT
+) -> list[dict]:
     """R1-Searcher++'s cold start on one world: what the model knows, and when to use it.
 
     - Its corpus as plain text, every token scored (`corpus_epochs` copies): the facts the corpus
@@ -358,7 +395,7 @@ async def _knowledge_rows(world_dir: Path, tokenizer: Tokenizer, cfg: SFTConfig)
     retriever = BM25Retriever.build(corpus)
     rows: list[dict] = []
     for i, q in enumerate(tqdm(questions, desc="oracle trajectories", unit="traj")):
-        traj = await oracle_trajectory(q, tokenizer, retriever, DEFAULT, cfg.top_k, known=known)
+        traj = await oracle_trajectory(q, tokenizer, retriever, fmt, cfg.top_k, known=known)
         if traj is not None:
             rows += [_row(traj)] * (cfg.recall_repeats if i < len(recall) else 1)
     bos = [tokenizer.bos_id or 0]

@@ -13,6 +13,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from agent.tags import DEFAULT, SPECIAL_TOKENS
 
+# What a demo checkpoint trained in a chat format (`search-r1`) renders its turns with: each turn
+# opens with the BOS token, so the role names stay plain text after a special token.
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|bos|> {{ m['role'] }}: {{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|> assistant:{% endif %}"
+)
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> Tokenizer:
     tok = Tokenizer(models.BPE())
@@ -28,7 +35,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> Tokenizer:
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> None:
+def save_tokenizer(tok: Tokenizer, out_dir: str | Path, chat_template: str | None = None) -> None:
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
@@ -36,5 +43,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=DEFAULT.bos, eos_token=DEFAULT.eos, pad_token="<|pad|>"
     )
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(str(out))
     tok.save(str(out / "tokenizer.json"))
