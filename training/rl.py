@@ -43,7 +43,7 @@ from agent.loop import (
     Limits,
     RunParams,
 )
-from agent.tags import TagFormat, get_format
+from agent.tags import TagFormat
 from agent.tokenizer import Tokenizer
 from training import rewards
 from training.model import activation_checkpointing
@@ -54,6 +54,7 @@ from training.sft import (
     check_number,
     copy_tokenizer_files,
     export_checkpoint,
+    training_format,
 )
 
 STAGES = ("1", "2", "plus")
@@ -104,7 +105,8 @@ class RLConfig:
     # teaches doing without them
     retrieval_patience_s: float = 300.0
     rollout_deadline_s: float = 300.0  # one rollout's wall clock (the loop's request deadline)
-    format: str | None = None  # tag format preset when `init` has no agent.json
+    # tag format preset: for an `init` without agent.json, or the one its agent.json names
+    format: str | None = None
     per_device_batch: int | None = None  # None: prompts_per_step x num_generations
     gradient_accumulation_steps: int = 1
     bf16: bool = False
@@ -174,7 +176,8 @@ def build_trainer(cfg: RLConfig):
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(cfg.seed)
-    fmt = get_format(cfg.format) if cfg.format else load_format(cfg.init)
+    # refused when init's agent.json names another format: its policy would earn no reward
+    fmt = training_format(cfg.init, cfg.format) or load_format(cfg.init)
     tokenizer = load_tokenizer(cfg.init, fmt)
     rows = _read_rows(cfg.data, cfg.max_questions, cfg.seed, cfg.types)
     dataset = Dataset.from_list([{"prompt": r["question"], "answer": r["answer"]} for r in rows])
