@@ -10,10 +10,11 @@ training code and `index build` never loads torch.
   searchagent eval --model DIR --index DIR --data FILE.jsonl [--mode M] [--limit N] [--json]
                    [--max-context N --max-tokens N --top-k K --format F]
   searchagent eval --predictions FILE.jsonl [--format r1-searcher] [--json]   (no model)
-  searchagent train sft --out DIR [--worlds N --per-world N --steps N]
+  searchagent train sft --out DIR [--worlds N --per-world N --steps N --format F]
   searchagent train sft --init DIR --data FILE --out DIR   (distil a retro dataset)
   searchagent train sft --init DIR --knowledge WORLD --out DIR   (R1-Searcher++ cold start)
-  searchagent train rl --init DIR --out DIR [--stage 1|2|plus --steps N]
+  searchagent train rl --init DIR --out DIR [--stage 1|2|plus --steps N --format F]
+  searchagent train rl --config FILE [--format F --resume]
   searchagent retro --policy DIR --revisor DIR --data FILE --out FILE [--originals FILE]
   searchagent retro --revisor DIR --traces FILE --out FILE     (revise traces already made)
   searchagent world build --out DIR [--seed N]
@@ -351,10 +352,15 @@ def _print_report(report: dict, as_json: bool) -> None:
 def _train_sft(args: argparse.Namespace) -> None:
     from retrieval.outputs import check_out_dir
     from training.oracle import Waste
-    from training.sft import SFTConfig, run_sft
+    from training.sft import SFTConfig, run_sft, training_format
 
     if args.init is not None and not (args.init / "config.json").is_file():
         _fail(f"--init: {args.init} is not a checkpoint directory (no config.json)")
+    try:
+        hint = ": give --switch-format to retrain it in another"
+        training_format(args.init, args.format, switch=args.switch_format, hint=hint)
+    except (OSError, ValueError) as exc:
+        _fail(f"--format: {exc}")
     if args.data is not None and not args.data.is_file():
         _fail(f"--data: {args.data} is " + ("a directory" if args.data.is_dir() else "not found"))
     try:
@@ -408,8 +414,14 @@ def _train_sft(args: argparse.Namespace) -> None:
         lr=args.lr,
         batch_size=args.batch_size,
         seed=args.seed,
+        format=args.format,
+        switch_format=args.switch_format,
     )
-    print(json.dumps(run_sft(cfg)))
+    try:
+        report = run_sft(cfg)
+    except ValueError as exc:  # a chat format on an --init without a chat template
+        _fail(str(exc))
+    print(json.dumps(report))
 
 
 def _train_rl(args: argparse.Namespace) -> None:
@@ -418,6 +430,7 @@ def _train_rl(args: argparse.Namespace) -> None:
 
     from retrieval.index import IndexLoadError
     from training.rl import RLConfig, RolloutError, _read_rows, read_config, run_rl
+    from training.sft import training_format
 
     # the setting flags default to None: given ones are known, the rest are RLConfig's defaults
     settings = {
@@ -430,18 +443,19 @@ def _train_rl(args: argparse.Namespace) -> None:
     if args.config is not None:
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            _fail(f"--config holds every setting; give it alone (+ --resume), not with {flags}")
+            alone = "give it alone (+ --resume, --format)"
+            _fail(f"--config holds every setting; {alone}, not with {flags}")
         try:
             cfg = read_config(args.config)
         except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             _fail(f"--config: {exc}")
-        cfg = replace(cfg, resume=args.resume or cfg.resume)
+        cfg = replace(cfg, resume=args.resume or cfg.resume, format=args.format or cfg.format)
         if cfg.vllm_url is not None and importlib.util.find_spec("vllm") is None:
             _fail(f"--config: vllm_url {cfg.vllm_url} needs the vllm package (TRL's client)")
     else:
         if args.init is None or args.out is None:
             _fail("train rl needs --init and --out (or --config FILE)")
-        cfg = RLConfig(**RL_DEFAULT_PATHS | given, resume=args.resume)
+        cfg = RLConfig(**RL_DEFAULT_PATHS | given, resume=args.resume, format=args.format)
     checks = [("init", cfg.init / "config.json"), ("data", cfg.data)]
     if cfg.retriever_url is None:
         checks.append(("index", cfg.index or Path("(none)")))
@@ -449,6 +463,10 @@ def _train_rl(args: argparse.Namespace) -> None:
         if not path.exists():
             hint = f" (the default: give --{name})" if path == RL_DEFAULT_PATHS.get(name) else ""
             _fail(f"{name}: {path} does not exist{hint}")
+    try:  # RL on a policy cold-started in another format's tags would earn no reward
+        training_format(cfg.init, cfg.format)
+    except (OSError, ValueError) as exc:
+        _fail(f"--format: {exc}")
     _question_rows(cfg.data, None)
     try:
         _read_rows(cfg.data, None, cfg.seed, cfg.types)  # the trainer's own pick, checked now
@@ -712,6 +730,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a world directory: its corpus as text + traces recalling its well-known facts",
     )
     sft.add_argument("--keep-layers", help="e.g. 0,3: a smaller model from --init's layers")
+    sft.add_argument(
+        "--format", help="tag format preset of the trajectories (default: --init's, else default)"
+    )
+    sft.add_argument(
+        "--switch-format",
+        action="store_true",
+        help="let --format differ from --init's agent.json (retrain the policy's tags)",
+    )
     sft.add_argument("--detour", type=float, default=0.0, help="oracle detour rate per hop")
     sft.add_argument("--recheck", type=float, default=0.0, help="oracle recheck rate per hop")
     sft.set_defaults(func=_train_sft)
@@ -719,7 +745,8 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument(
         "--config",
         type=Path,
-        help="a JSON file of RLConfig fields (configs/rl/*.json); only --resume goes with it",
+        help="a JSON file of RLConfig fields (configs/rl/*.json); only --resume and --format "
+        "go with it",
     )
     rl.add_argument("--init", type=Path, help="checkpoint to start from")
     rl.add_argument("--out", type=Path)
@@ -741,6 +768,10 @@ def _parser() -> argparse.ArgumentParser:
     rl.add_argument("--mu", type=float, help="memorization loss weight (plus)")
     rl.add_argument("--resume", action="store_true", help="from the last checkpoint in --out")
     rl.add_argument("--types", help="train on these question types only, e.g. 2hop,comparison")
+    rl.add_argument(
+        "--format",
+        help="tag format preset, overriding --config's; must be --init's agent.json format",
+    )
     rl.set_defaults(func=_train_rl)
     pl = t.add_parser("pipeline", help="the demo pipeline: SFT, RL stages, eval, RESULTS.md")
     pl.add_argument("--out", type=Path, default=Path("artifacts/demo/train"))
