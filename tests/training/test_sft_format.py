@@ -157,8 +157,18 @@ def test_sft_on_an_init_keeps_its_format_unless_told_to_switch(r1_checkpoint, tm
     assert "'r1-searcher'" in err and "--switch-format" in err
     assert "known: default" in _cli_error([*base, "--format", "nope"], capsys)
     assert training_format(r1_checkpoint, None) == R1  # no --format: the init's
-    assert training_format(r1_checkpoint, "default", switch=True).name == "default"
     assert training_format(None, None) is None  # a fresh run: the caller's default
+
+    from training.model import TINY_TEST
+    from training.sft import SFTConfig, run_sft
+    from training.world import WorldConfig
+
+    retagged = tmp_path / "retagged"
+    run_sft(SFTConfig(
+        out=retagged, init=r1_checkpoint, world_seeds=(7,), world=WorldConfig(**SMALL_WORLD),
+        per_world=8, size=TINY_TEST, steps=1, batch_size=4, format="default", switch_format=True,
+    ))  # fmt: skip
+    assert load_format(retagged).name == "default"
 
 
 def test_a_search_r1_cold_start_oracle_speaks_through_a_chat_template(tmp_path):
