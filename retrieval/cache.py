@@ -155,8 +155,12 @@ class RedisCache:
         try:
             result = await call()
         except (RedisError, OSError) as exc:
-            timed_out = isinstance(exc, (RedisTimeoutError, TimeoutError))
-            self._open_until = time.monotonic() + self.cooldown_s if timed_out else -math.inf
+            if isinstance(exc, (RedisTimeoutError, TimeoutError)):
+                self._open_until = time.monotonic() + self.cooldown_s
+            elif probe:  # Redis answered the probe at once (if with an error): close it
+                self._open_until = -math.inf
+            # else a fast failure of an operation already in flight (max clients reached, still
+            # loading) leaves the breaker as it is: it must not close one a timeout just opened
             self._failed(op, exc)
             return None
         finally:

@@ -306,6 +306,36 @@ def test_cached_retriever_over_redis(redis_url, bm25):
     asyncio.run(main())
 
 
+def test_a_fast_failure_in_flight_does_not_close_a_breaker_a_timeout_opened(redis_server):
+    """Guards against an operation that started before a timeout opened the breaker and then
+    failed fast (redis-py raises "max number of clients reached" and "loading" as connection
+    errors) closing the breaker again, so that every request goes back to paying a timeout."""
+
+    async def main():
+        cache = RedisCache(redis_server.url, f"test:{uuid.uuid4().hex}:", 0.3, cooldown_s=30)
+        release = asyncio.Event()
+
+        async def refused_late():
+            await release.wait()
+            raise redis.exceptions.ConnectionError("max number of clients reached")
+
+        in_flight = asyncio.create_task(cache._guarded("MGET", refused_late))
+        await asyncio.sleep(0)  # it is past the breaker's check, waiting on its reply
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            assert await cache.get_many(["a"]) == [None]  # timed out: the breaker opens
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        release.set()
+        assert await in_flight is None
+        start = time.monotonic()
+        assert await cache.get_many(["a"]) == [None]  # skipped, Redis not asked
+        assert time.monotonic() - start < 0.05 and cache.errors == 3
+        await cache.aclose()
+
+    asyncio.run(main())
+
+
 def test_dead_redis_means_misses_not_failures(bm25):
     """Guards against: a Redis outage failing requests (exceptions) or stalling them in retries;
     the cache must count the error, miss, and let retrieval go on."""
