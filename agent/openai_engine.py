@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -115,10 +114,11 @@ class OpenAIEngine:
             connect=connect_timeout_s, read=read_timeout_s, write=connect_timeout_s, pool=None
         )
         self._limits = httpx.Limits(max_connections=max_connections)
-        # a pooled client per event loop, and what closes it as that loop shuts down
-        self._clients: weakref.WeakKeyDictionary[
+        # a pooled client per event loop, and what closes it as that loop shuts down (and then
+        # removes the entry: a weak mapping would not do, as the closer refers to its loop)
+        self._clients: dict[
             asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, AsyncGenerator[None, None]]
-        ] = weakref.WeakKeyDictionary()
+        ] = {}
         self._warned_fallback = False
 
     async def generate(
@@ -212,7 +212,7 @@ class OpenAIEngine:
             client = httpx.AsyncClient(
                 timeout=self._timeout, limits=self._limits, headers=self._headers
             )
-            closer = _closed_at_shutdown(client)
+            closer = _closed_at_shutdown(client, self._clients, loop)
             self._clients[loop] = (client, closer)
             await anext(closer)  # started: the loop's async-generator hooks know it now
         return self._clients[loop][0]
@@ -232,6 +232,12 @@ class OpenAIEngine:
             # response reached the caller (httpx says "Server disconnected without sending a
             # response" when nothing came at all)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                if isinstance(exc, httpx.RemoteProtocolError) and _NOTHING_SENT not in str(exc):
+                    # a malformed status line or headers: the server (or a proxy) may have run
+                    # the request, so sending it again could run it twice
+                    raise EngineConnectionError(
+                        f"the engine at {self.base_url} sent a malformed response: {exc}"
+                    ) from exc
                 if attempt >= self.retries:
                     raise EngineConnectionError(
                         f"cannot connect to the engine at {self.base_url} after "
@@ -308,12 +314,21 @@ def discover_model(
         raise EngineProtocolError(f"{url} lists no model ({r.text[:200]!r})") from exc
 
 
-async def _closed_at_shutdown(client: httpx.AsyncClient) -> AsyncGenerator[None, None]:
-    """Suspended for the life of the loop that started it; its loop's shutdown
-    (`shutdown_asyncgens`, run by `asyncio.run`) closes it, and so the client, on that loop."""
+# how httpx words a connection closed before any byte of the response came
+_NOTHING_SENT = "without sending a response"
+
+
+async def _closed_at_shutdown(
+    client: httpx.AsyncClient, clients: dict, loop: asyncio.AbstractEventLoop
+) -> AsyncGenerator[None, None]:
+    """Suspended for the life of `loop`, which started it; the loop's shutdown
+    (`shutdown_asyncgens`, run by `asyncio.run`) closes it, and so the client, on that loop, and
+    drops the loop's entry from `clients`."""
     try:
         yield
     finally:
+        if clients.get(loop, (None,))[0] is client:
+            del clients[loop]
         await client.aclose()
 
 

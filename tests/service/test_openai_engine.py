@@ -475,8 +475,8 @@ def test_read_timeout_and_in_band_errors_are_not_retried(serve_app, tok):
 
 class Hangup:
     """A raw HTTP/1.1 server whose first `hangups` connections read the request and close: with
-    no reply at all ("before"), or after the status line and headers ("after_headers"). Later
-    ones answer with `frames` as an SSE body."""
+    no reply at all ("before"), after the status line and headers ("after_headers"), or after
+    a status line that is not HTTP ("garbled"). Later ones answer with `frames` as an SSE body."""
 
     def __init__(self, frames: list[str], hangups: int = 1, when: str = "before") -> None:
         self.frames, self.hangups, self.when = frames, hangups, when
@@ -509,6 +509,8 @@ class Hangup:
             conn.sendall(headers + payload)
         elif self.when == "after_headers":
             conn.sendall(headers)
+        elif self.when == "garbled":
+            conn.sendall(b"HTTP/1.1 2OO RUINED\r\n\r\n")
         conn.close()
 
     def __enter__(self) -> Hangup:
@@ -540,6 +542,12 @@ def test_a_connection_closed_before_any_reply_is_retried(tok):
         with pytest.raises(EngineConnectionError, match="mid-stream after 0 tokens"):
             asyncio.run(collect(engine, PROMPT))
     assert engine.stats.connect_retries == 0 and len(server.bodies) == 1
+    # a reply that began, garbled (a proxy's, say): the request may have run; not sent again
+    with Hangup(WITH_IDS, hangups=1, when="garbled") as server:
+        engine = OpenAIEngine(server.url, tok, "demo", retries=2, backoff_s=0.01)
+        with pytest.raises(EngineConnectionError, match="sent a malformed response"):
+            asyncio.run(collect(engine, PROMPT))
+    assert engine.stats.connect_retries == 0 and len(server.bodies) == 1
 
 
 def test_each_event_loops_client_is_closed_with_its_loop(serve_app, tok):
@@ -560,6 +568,7 @@ def test_each_event_loops_client_is_closed_with_its_loop(serve_app, tok):
         for _ in range(3):
             with pytest.raises(EngineHTTPError):
                 asyncio.run(collect(engine, PROMPT))
+        assert engine._clients == {}  # nor does it keep the finished loops alive
         del engine
         gc.collect()
     assert len(hits) == 3
