@@ -81,10 +81,17 @@ class RetrievalContext:
         if blank and self.blank_queries is not None:
             self.blank_queries.inc(len(blank))
         skip = set(blank)
+        asked_queries = [q for q in queries if q.strip()]
         try:
-            found = iter(await self.retriever.search([q for q in queries if q.strip()], k))
+            results = await self.retriever.search(asked_queries, k)
         except RetrievalUnavailable as exc:
             raise UnavailableError(f"retrieval backend unavailable: {exc}") from exc
+        if len(results) != len(asked_queries):  # a remote backend's reply; no cache checked it
+            raise UnavailableError(
+                f"retrieval backend returned {len(results)} results for {len(asked_queries)} "
+                "queries"
+            )
+        found = iter(results)
         return [[] if i in skip else next(found) for i in range(len(queries))]
 
 

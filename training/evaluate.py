@@ -232,7 +232,10 @@ def evaluate_model(
     fmt = load_format(model_dir, tag_format)
     tokenizer = load_tokenizer(model_dir, fmt)
     engine = TransformersEngine(model_dir, tokenizer)
-    limits = Limits(top_k=top_k, max_context=max_context, max_tokens=max_tokens)
+    # as the server does: no run may outgrow the model's context (past it the engine raises)
+    limits = Limits(
+        top_k=top_k, max_context=min(max_context, engine.max_context), max_tokens=max_tokens
+    )
     loop = AgentLoop(engine, retriever, fmt, limits)
     return score_rows(asyncio.run(evaluate_loop(loop, rows, mode=mode)))
 
