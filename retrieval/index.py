@@ -18,12 +18,13 @@ The manifest's `fingerprint` = sha256(corpus bytes + kind + params) names the in
 caches key on it, so rebuilding from a changed corpus or with other params never serves stale hits.
 For dense and hybrid indexes the params record the FAISS index (kind, m/ef or nlist/nprobe) and the
 encoder: its directory name, the sha256 of its config.json and of its weights, prefixes,
-max_length, pooling and dimension. Where the encoder lives (`encoder_path`) is recorded beside the
-params, outside the fingerprint: moving a virtualenv does not change what an index returns. At
-load the encoder is identified by its weights and config, never by its directory's name (a
-renamed copy loads, a fine-tuned one with the same config does not); indexes built before the
-weights were recorded skip that comparison. `load_index` wraps the
-dense part in a `BatchingRetriever`, so concurrent queries share one encoder/FAISS call.
+max_length, pooling (mean, or CLS for bge-style encoders; queries are pooled as recorded, and a
+manifest without it means mean) and dimension. Where the encoder lives (`encoder_path`) is
+recorded beside the params, outside the fingerprint: moving a virtualenv does not change what an
+index returns. At load the encoder is identified by its weights and config, never by its
+directory's name (a renamed copy loads, a fine-tuned one with the same config does not); indexes
+built before the weights were recorded skip that comparison. `load_index` wraps the dense part in
+a `BatchingRetriever`, so concurrent queries share one encoder/FAISS call.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def build_index(
     query_prefix: str = "",
     passage_prefix: str = "",
     max_length: int | None = None,
+    pooling: str = "mean",
     **params: Any,
 ) -> Path:
     """Index `corpus_path` into `out_dir`: new, empty, or an earlier index, which the new one
@@ -94,16 +96,22 @@ def build_index(
     `params` go to the backends: k1/b to BM25, k_rrf/depth to the fusion of a hybrid index, the
     rest (m, ef_construction, ef_search, nlist, nprobe) to `DenseRetriever.build`. The encoder
     defaults to the bundled all-MiniLM-L6-v2 (`retrieval.encoder.default_encoder_path`);
-    `max_length` (its tokens per text, default 256) is recorded and used again at load.
+    `max_length` (its tokens per text, default 256) and `pooling` ("mean" or "cls") are recorded
+    and used again at load, so queries are embedded as the passages were.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; known: {list(KINDS)}")
     dense_only = encoder_path is not None or query_prefix or passage_prefix or faiss_kind != "flat"
-    if kind == "bm25" and (dense_only or max_length is not None):
+    if kind == "bm25" and (dense_only or max_length is not None or pooling != "mean"):
         raise ValueError(
-            "encoder_path, faiss_kind, prefixes and max_length apply to dense and hybrid indexes"
+            "encoder_path, faiss_kind, prefixes, max_length and pooling apply to dense and hybrid "
+            "indexes"
         )
-    encoder_args = {"query_prefix": query_prefix, "passage_prefix": passage_prefix}
+    encoder_args: dict[str, Any] = {
+        "query_prefix": query_prefix,
+        "passage_prefix": passage_prefix,
+        "pooling": pooling,
+    }
     if max_length is not None:
         encoder_args["max_length"] = max_length
     corpus_path, out_dir = Path(corpus_path), Path(out_dir)
@@ -249,13 +257,22 @@ def _load_encoder(
     encoder_path: str | PathLike[str] | None,
 ) -> Encoder:
     """The encoder the index was built with, or `IndexLoadError` saying why not."""
-    from retrieval.encoder import Encoder, config_sha256, default_encoder_path, weights_sha256
+    from retrieval.encoder import (
+        POOLINGS,
+        Encoder,
+        config_sha256,
+        default_encoder_path,
+        weights_sha256,
+    )
 
     recorded = params.get("encoder")
     if not isinstance(recorded, dict) or any(
         not isinstance(recorded.get(f), t) for f, t in _ENCODER_FIELDS.items()
     ):
         raise _error(index_dir, f"corrupt {MANIFEST}: params.encoder missing or malformed")
+    pooling = recorded.get("pooling", "mean")  # absent from the earliest indexes: all mean
+    if pooling not in POOLINGS:
+        raise _error(index_dir, f"corrupt {MANIFEST}: unknown params.encoder.pooling {pooling!r}")
     want = recorded.get("weights_sha256")  # absent from indexes built before it was recorded
     if want is not None and not isinstance(want, str):
         raise _error(index_dir, f"corrupt {MANIFEST}: params.encoder.weights_sha256 not a string")
@@ -281,6 +298,7 @@ def _load_encoder(
             query_prefix=recorded["query_prefix"],
             passage_prefix=recorded["passage_prefix"],
             max_length=recorded["max_length"],
+            pooling=pooling,
         ),
     )
     if encoder.dim != recorded["dim"]:

@@ -6,7 +6,7 @@ training code and `index build` never loads torch.
                    [--encoder DIR]   (a dense index's encoder, moved since the build)
   searchagent retrieve-serve --index DIR [--retriever KIND --redis-url URL --host H --port P]
   searchagent index build --corpus FILE --out DIR [--kind bm25|dense|hybrid]
-                   [--encoder DIR --faiss hnsw --hnsw-m N --ef-search N --bm25-k1 X ...]
+                   [--encoder DIR --pooling mean|cls --faiss hnsw --hnsw-m N --bm25-k1 X ...]
   searchagent eval --model DIR --index DIR --data FILE.jsonl [--mode M] [--limit N] [--json]
                    [--max-context N --max-tokens N --top-k K --format F]
   searchagent eval --predictions FILE.jsonl [--format r1-searcher] [--json]   (no model)
@@ -194,12 +194,14 @@ def _index_build(args: argparse.Namespace) -> None:
         "query_prefix": args.query_prefix,
         "passage_prefix": args.passage_prefix,
         "max_length": args.max_length,
+        "pooling": args.pooling,
     }
     if args.kind == "bm25":
         given = [flag for flag, value, off in (
             ("--encoder", args.encoder, None), ("--faiss", args.faiss, "flat"),
             ("--query-prefix", args.query_prefix, ""),
             ("--passage-prefix", args.passage_prefix, ""), ("--max-length", args.max_length, None),
+            ("--pooling", args.pooling, "mean"),
         ) if value != off]  # fmt: skip
         if given:
             _fail(f"{', '.join(given)}: only for --kind dense or hybrid, not bm25")
@@ -654,6 +656,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--passage-prefix", default="", help='e.g. "passage: " for e5 encoders')
     b.add_argument(
         "--max-length", type=POSITIVE, help="encoder tokens per passage and query (default 256)"
+    )
+    b.add_argument(
+        "--pooling",
+        choices=("mean", "cls"),
+        default="mean",
+        help="mean of the token states (MiniLM, e5) or the first token's (bge); default mean",
     )
     b.add_argument("--hnsw-m", dest="m", type=POSITIVE, help="HNSW links per node (default 32)")
     b.add_argument("--ef-construction", type=POSITIVE, help="HNSW build beam (default 80)")

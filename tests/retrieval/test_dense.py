@@ -221,3 +221,65 @@ def test_faiss_file_of_other_size(dense_copy):
     index.add(np.eye(384, dtype=np.float32)[:5])
     faiss.write_index(index, str(dense_copy / "faiss.index"))
     assert_one_line_load_error(dense_copy, "passages but a FAISS index of 5")
+
+
+# -- pooling: CLS for bge-style encoders, recorded in the manifest, used again for queries -------
+
+
+def _direct_vectors(encoder_dir: Path, texts: list[str], pooling: str) -> np.ndarray:
+    """Unit vectors computed with transformers alone: the first token's last hidden state or the
+    masked mean of them, L2-normalised."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
+    model = AutoModel.from_pretrained(encoder_dir, local_files_only=True).eval()
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state  # (B, T, dim)
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=1).numpy()
+
+
+@pytest.fixture(scope="module")
+def cls_dir(tmp_path_factory, corpus_file) -> Path:
+    out = tmp_path_factory.mktemp("dense-cls")
+    return build_index(corpus_file, out, "dense", show_progress=False, pooling="cls")
+
+
+def test_cls_pooling_is_recorded_and_used_for_queries(cls_dir, dense_dir, minilm):
+    """Guards against a bge-style index embedded with the wrong pooling, or queries of a CLS index
+    pooled by the mean (vectors from another space than its passages': silent nonsense)."""
+    manifest = json.loads((cls_dir / "index.json").read_text())
+    assert manifest["params"]["encoder"]["pooling"] == "cls"
+    assert fingerprint(cls_dir) != fingerprint(dense_dir)
+    queries = ["who painted the ceiling", QUERIES[0], "a much longer query " * 5]
+    cls_want = _direct_vectors(minilm.path, queries, "cls")
+    mean_want = _direct_vectors(minilm.path, queries, "mean")
+    cases = ((cls_dir, cls_want, mean_want), (dense_dir, mean_want, cls_want))
+    for index_dir, want, other in cases:
+        got = load_index(index_dir).inner.encoder.encode_queries(queries)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert np.abs(got - other).max() > 0.1
+    # the passages were embedded the same way: FAISS holds the CLS vectors of their texts
+    stored = faiss.read_index(str(cls_dir / "faiss.index")).reconstruct_n(0, 3)
+    texts = [f"{p['title']} {p['text']}".strip() for p in CORPUS[:3]]
+    np.testing.assert_allclose(stored, _direct_vectors(minilm.path, texts, "cls"), atol=1e-5)
+
+
+def test_pooling_of_old_or_damaged_manifests(dense_copy):
+    """Guards against indexes built before pooling was a choice (no "pooling" recorded) becoming
+    unloadable, and against an unknown pooling in a manifest loading as something else."""
+    manifest = json.loads((dense_copy / "index.json").read_text())
+    del manifest["params"]["encoder"]["pooling"]
+    (dense_copy / "index.json").write_text(json.dumps(manifest))
+    assert load_index(dense_copy).inner.encoder.pooling == "mean"
+    manifest["params"]["encoder"]["pooling"] = "max"
+    (dense_copy / "index.json").write_text(json.dumps(manifest))
+    assert_one_line_load_error(dense_copy, "unknown params.encoder.pooling 'max'")
+    with pytest.raises(ValueError, match="unknown encoder pooling 'max'"):
+        build_index(dense_copy / "passages.jsonl", dense_copy.parent / "x", "dense", pooling="max")
