@@ -25,6 +25,9 @@ index returns. At load the encoder is identified by its weights and config, neve
 directory's name (a renamed copy loads, a fine-tuned one with the same config does not); indexes
 built before the weights were recorded skip that comparison. `load_index` wraps the dense part in
 a `BatchingRetriever`, so concurrent queries share one encoder/FAISS call.
+
+The manifest's `files` records each file's size and sha256 (`retrieval.integrity`): loading
+compares the sizes, `verify_index` the digests; indexes built before it skip both.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from retrieval.batching import BatchingRetriever
 from retrieval.bm25 import BM25Retriever
 from retrieval.corpus import iter_corpus, read_corpus
 from retrieval.hybrid import HybridRetriever
+from retrieval.integrity import FileCheck, record_files, size_mismatch, valid_records, verify_files
 from retrieval.outputs import staged_dir
 from retrieval.types import Retriever
 
@@ -170,6 +174,7 @@ def _write_index(
         "params": index_params,
         "format_version": FORMAT_VERSION,
         **extra,
+        "files": record_files(out_dir, MANIFEST),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
@@ -205,6 +210,9 @@ def load_index(
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
     kind, params = manifest["kind"], manifest["params"]
+    if (changed := size_mismatch(index_dir, manifest.get("files", {}))) is not None:
+        hint = "truncated or replaced since the build; `searchagent index verify` checks every file"
+        raise _error(index_dir, f"{changed}: {hint}")
     if part is not None and part != kind:
         if part not in KINDS:
             raise _error(index_dir, f"unknown retriever {part!r}; known: {list(KINDS)}")
@@ -388,7 +396,17 @@ def read_manifest(index_dir: str | PathLike[str]) -> dict[str, Any]:
         raise _error(index_dir, f"format_version {version}, expected {FORMAT_VERSION}")
     if manifest["kind"] not in KINDS:
         raise _error(index_dir, f"unknown index kind {manifest['kind']!r}")
+    if "files" in manifest and not valid_records(manifest["files"]):
+        raise _error(index_dir, f"corrupt {MANIFEST}: 'files' is not a map of sizes and digests")
     return manifest
+
+
+def verify_index(index_dir: str | PathLike[str]) -> list[FileCheck] | None:
+    """Every file the manifest records, checked against its size and full sha256 (slow: reads
+    the whole index); None for an index built before the digests were recorded."""
+    index_dir = Path(index_dir)
+    records = read_manifest(index_dir).get("files")
+    return None if records is None else verify_files(index_dir, records)
 
 
 def built_from(index_dir: str | PathLike[str], corpus_path: str | PathLike[str]) -> bool:

@@ -7,6 +7,7 @@ training code and `index build` never loads torch.
   searchagent retrieve-serve --index DIR [--retriever KIND --redis-url URL --host H --port P]
   searchagent index build --corpus FILE --out DIR [--kind bm25|dense|hybrid]
                    [--encoder DIR --pooling mean|cls --faiss hnsw --hnsw-m N --bm25-k1 X ...]
+  searchagent index verify --index DIR   (every file's sha256 against the manifest; exit 1 if not)
   searchagent eval --model DIR --index DIR --data FILE.jsonl [--mode M] [--limit N] [--json]
                    [--max-context N --max-tokens N --top-k K --format F]
   searchagent eval --predictions FILE.jsonl [--format r1-searcher] [--json]   (no model)
@@ -220,6 +221,36 @@ def _index_build(args: argparse.Namespace) -> None:
         params[name] = value
     out = build_index(args.corpus, args.out, args.kind, **dense, **params)
     print(f"{args.kind} index written to {out}")
+
+
+def _index_verify(args: argparse.Namespace) -> None:
+    """One line per recorded file; a damaged index exits 1 (like `sha256sum -c`), with the last
+    line on stderr naming what differs."""
+    from retrieval.index import IndexLoadError, verify_index
+
+    try:
+        checks = verify_index(args.index)
+    except IndexLoadError as exc:
+        _fail(f"--index: {exc}")
+    if checks is None:
+        print(
+            f"searchagent: index verify: {args.index} records no file digests (built before they "
+            "were); nothing to verify: rebuild it to record them",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    for check in checks:
+        status = f"ok ({check.size} bytes)" if check.ok else f"FAILED ({check.problem})"
+        print(f"{check.name}: {status}")
+    bad = [check.name for check in checks if not check.ok]
+    if bad:
+        print(
+            f"searchagent: index verify: {len(bad)} of {len(checks)} files of {args.index} "
+            f"differ from the manifest: {', '.join(bad)}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    print(f"{len(checks)} files of {args.index} match the manifest")
 
 
 def _unit_interval(text: str) -> float:
@@ -680,6 +711,9 @@ def _parser() -> argparse.ArgumentParser:
         help="results per half fused by a hybrid index (default max(k, 20))",
     )
     b.set_defaults(func=_index_build)
+    v = idx.add_parser("verify", help="check every index file against the manifest's sha256")
+    v.add_argument("--index", type=Path, required=True)
+    v.set_defaults(func=_index_verify)
 
     e = sub.add_parser(
         "eval", help="score a model through the loop on a dataset, or score a predictions file"

@@ -144,6 +144,11 @@ def test_build_and_load_hybrid_index(corpus_file, tmp_path, dense_flat):
     assert params["fusion"] == {"k_rrf": 30, "depth": None}
     assert params["bm25"]["k1"] == 1.2 and params["dense"]["faiss"] == {"kind": "flat"}
     assert params["dense"]["encoder"]["dim"] == 384
+    from retrieval.dense import DenseRetriever
+
+    dense_files = [f"dense/{n}" for n in DenseRetriever.FILES]
+    bm25_files = [f"bm25/{n}" for n in BM25Retriever.FILES]
+    assert sorted(manifest["files"]) == sorted(bm25_files + dense_files)
     retriever = load_index(out)
     assert isinstance(retriever, HybridRetriever) and retriever.k_rrf == 30
     assert isinstance(retriever.a, BM25Retriever)

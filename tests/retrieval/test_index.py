@@ -42,6 +42,15 @@ def built(tmp_path) -> Path:
     return build_index(corpus, tmp_path / "idx", show_progress=False)
 
 
+def forget_file_records(index_dir: Path) -> None:
+    """Drop the manifest's per-file sizes and digests, as in an index built before they were
+    recorded: the damage a test makes then reaches the loader's own checks, which still guard
+    such indexes (and files replaced by others of the same size)."""
+    manifest = json.loads((index_dir / "index.json").read_text())
+    del manifest["files"]
+    (index_dir / "index.json").write_text(json.dumps(manifest))
+
+
 def assert_one_line_load_error(index_dir: Path, match: str) -> None:
     with pytest.raises(IndexLoadError, match=match) as info:
         load_index(index_dir)
@@ -132,6 +141,7 @@ def test_missing_index_file(built):
 def test_passages_file_shorter_than_matrix(built):
     """Guards against: returning the wrong passage (or IndexError) for a document index once
     passages.jsonl and the BM25 matrix disagree."""
+    forget_file_records(built)
     lines = (built / "passages.jsonl").read_text().splitlines(keepends=True)
     (built / "passages.jsonl").write_text("".join(lines[:-1]))
     assert_one_line_load_error(built, "5 passages")
@@ -157,9 +167,67 @@ def test_manifest_count_mismatch(built):
 def test_damaged_bm25_matrix(built, array, damage, message):
     """Guards against a damaged matrix that loads: out-of-range document ids crashed the first
     search (IndexError), reversed column pointers returned wrong passages with exit 0."""
+    forget_file_records(built)
     path = built / f"{array}.csc.index.npy"
     np.save(path, damage(np.load(path)))
     assert_one_line_load_error(built, message)
+
+
+def test_manifest_records_every_file_size_and_sha256(built):
+    """Guards against a manifest that cannot tell a damaged or swapped file from the one built:
+    each file the build wrote (and only those, not the manifest) is recorded as it is on disk."""
+    import hashlib
+
+    files = json.loads((built / "index.json").read_text())["files"]
+    assert sorted(files) == sorted(BM25Retriever.FILES)
+    for name, entry in files.items():
+        data = (built / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_truncated_file_fails_the_load_naming_it(built):
+    """Guards against a truncated copy (a full disk, an interrupted rsync) reaching bm25s or FAISS,
+    whose errors do not say which file is short, or loading with part of its data."""
+    data = (built / "vocab.index.json").read_bytes()
+    (built / "vocab.index.json").write_bytes(data[: len(data) // 2])
+    assert_one_line_load_error(built, f"vocab.index.json is {len(data) // 2} bytes, the manifest")
+
+
+def test_a_flipped_byte_loads_but_does_not_verify(built):
+    """Guards against load reading every byte (it checks sizes only: a multi-GB index would start
+    slowly) and against verify missing damage that keeps the size."""
+    from retrieval.index import verify_index
+
+    assert all(check.ok for check in verify_index(built))
+    path = built / "passages.jsonl"
+    path.write_bytes(path.read_bytes().replace(b"composer", b"composEr"))  # one bit of a text
+    load_index(built)
+    [bad] = [check for check in verify_index(built) if not check.ok]
+    assert bad.name == "passages.jsonl" and "sha256" in bad.problem
+
+
+def test_an_index_without_file_records_still_loads(built):
+    """Guards against indexes built before the per-file records becoming unloadable, and against
+    verify reporting them as intact."""
+    from retrieval.index import verify_index
+
+    forget_file_records(built)
+    assert len(load_index(built)) == 6
+    assert verify_index(built) is None
+
+
+@pytest.mark.parametrize(
+    "files",
+    [[], {"../x": {"size": 1, "sha256": "0"}}, {"a": {"size": "1", "sha256": "0"}}],
+    ids=["list", "outside", "size-string"],
+)
+def test_malformed_file_records_are_one_line(built, files):
+    """Guards against a KeyError/TypeError traceback from a hand-edited `files`, and a verify that
+    reads files outside the index directory."""
+    manifest = json.loads((built / "index.json").read_text())
+    manifest["files"] = files
+    (built / "index.json").write_text(json.dumps(manifest))
+    assert_one_line_load_error(built, "'files' is not a map of sizes and digests")
 
 
 def test_rebuild_in_place_replaces_index(tmp_path):

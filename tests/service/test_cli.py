@@ -275,6 +275,41 @@ def test_index_build_params_land_in_the_index(tmp_path, demo_artifacts):
     assert (params["k1"], params["b"]) == (1.2, 0.5)
 
 
+def test_index_verify_reads_every_byte(tmp_path, demo_artifacts):
+    """Guards against damage that keeps a file's size (a flipped bit: loading checks sizes only)
+    going unnoticed by `index verify`, and against it calling an index intact when the manifest
+    records nothing to compare with."""
+    out = tmp_path / "index"
+    corpus = str(demo_artifacts / "world" / "corpus.jsonl")
+    assert _cli("index", "build", "--corpus", corpus, "--out", str(out)).returncode == 0
+    r = _cli("index", "verify", "--index", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == f"6 files of {out} match the manifest"  # a BM25 index
+    assert sorted(line.split(":")[0] for line in lines[:-1]) == sorted(
+        json.loads((out / "index.json").read_text())["files"]
+    )
+
+    path = out / "data.csc.index.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # a score in the BM25 matrix: same size, so the index still loads
+    path.write_bytes(bytes(data))
+    r = _cli("index", "verify", "--index", str(out))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "data.csc.index.npy: FAILED (sha256 " in r.stdout
+    assert r.stderr.strip().splitlines() == [
+        f"searchagent: index verify: 1 of 6 files of {out} differ from the manifest: "
+        "data.csc.index.npy"
+    ]
+
+    manifest = json.loads((out / "index.json").read_text())
+    del manifest["files"]  # an index built before the records
+    (out / "index.json").write_text(json.dumps(manifest))
+    r = _cli("index", "verify", "--index", str(out))
+    assert r.returncode == 1 and "records no file digests" in r.stderr and not r.stdout
+    _one_line_error(_cli("index", "verify", "--index", str(tmp_path / "nope")), "no such directory")
+
+
 @pytest.mark.parametrize(
     ("file", "damage", "message"),
     [
