@@ -93,6 +93,19 @@ def test_onnx_runtime_gives_torch_vectors(minilm):
         Encoder(minilm.path, runtime="tensorrt")
 
 
+def test_onnx_export_pools_the_first_token_for_cls(minilm):
+    """Guards against the ONNX export baking in mean pooling: a CLS encoder on ONNX Runtime would
+    embed queries unlike the passages its index holds (or silently stay on torch)."""
+    from retrieval.encoder import Encoder
+
+    texts = ["bread", "a painter born in Norvik who later moved to Velmora", "mid length text"]
+    on_onnx = Encoder(minilm.path, pooling="cls", runtime="onnx")
+    on_torch = Encoder(minilm.path, pooling="cls", runtime="torch")
+    assert on_onnx.runtime == "onnx" and on_onnx.describe()["pooling"] == "cls"
+    np.testing.assert_allclose(on_onnx.encode(texts), on_torch.encode(texts), atol=1e-5)
+    assert np.abs(on_onnx.encode(texts) - minilm.encode(texts)).max() > 0.1  # not the mean
+
+
 def test_an_encoder_with_damaged_weights_is_a_one_line_error(tmp_path):
     """Guards against a traceback from `index build --kind dense --encoder DIR` when DIR's
     weights are truncated (the build path had no guard; loading an index had one)."""
