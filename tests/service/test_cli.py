@@ -275,6 +275,21 @@ def test_index_build_params_land_in_the_index(tmp_path, demo_artifacts):
     assert (params["k1"], params["b"]) == (1.2, 0.5)
 
 
+def test_index_build_pooling_lands_in_the_index(tmp_path):
+    """Guards against `--pooling cls` being parsed but not passed on: the index would be built and
+    recorded as mean-pooled, wrong for the bge-style encoder it was asked for."""
+    pytest.importorskip("faiss", reason="the `dense` extra (faiss-cpu) is not installed")
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [{"id": str(i), "title": t, "text": f"{t} is a town."} for i, t in enumerate("ABC")]
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "index"
+    r = _cli("index", "build", "--corpus", str(corpus), "--out", str(out), "--kind", "dense",
+             "--pooling", "cls")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    encoder = json.loads((out / "index.json").read_text())["params"]["encoder"]
+    assert encoder["pooling"] == "cls"
+
+
 def test_index_verify_reads_every_byte(tmp_path, demo_artifacts):
     """Guards against damage that keeps a file's size (a flipped bit: loading checks sizes only)
     going unnoticed by `index verify`, and against it calling an index intact when the manifest
