@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from small_world import SMALL_WORLD
 
 
 def free_port() -> int:
@@ -84,11 +85,6 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 # -- a tiny world, its index, and a checkpoint trained by the suite itself ---------------------
-
-SMALL_WORLD = dict(
-    n_people=80, n_cities=20, n_countries=5, n_organizations=15, n_works=20,
-    n_famous_people=2, n_famous_cities=1,
-)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

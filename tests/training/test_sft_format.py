@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_WORLD
+from small_world import SMALL_WORLD
 
 from agent.checkpoint import load_format, load_tokenizer
 from agent.loop import AgentLoop
