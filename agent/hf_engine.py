@@ -228,7 +228,7 @@ class TransformersEngine:
             req = self._waiting.pop(0)
             try:
                 admitted.append(self._admit(req))
-            except Exception as exc:  # growing the store for it (out of memory): its own failure
+            except Exception as exc:  # writing its parked session (out of memory): its own failure
                 self._fail(req, exc)
         self._prefill_all(running, admitted)
         if self._rows:
@@ -264,11 +264,12 @@ class TransformersEngine:
                 leaders.append(req)
             else:
                 followers.append((req, donor, n))
-        sampled = [x for g in _prefill_groups(leaders) for x in self._prefill_isolated(g)]
+        ready = [req for req in leaders if req.error is None]
+        sampled = [x for g in _prefill_groups(ready) for x in self._prefill_isolated(g)]
         for req, donor, n in followers:
             if donor.error is None:
                 self._share(req, donor, n)
-        later = _prefill_groups([req for req, _, _ in followers])
+        later = _prefill_groups([req for req, _, _ in followers if req.error is None])
         sampled += [x for g in later for x in self._prefill_isolated(g)]
         for req in admitted:
             if req.error is not None:
@@ -293,8 +294,14 @@ class TransformersEngine:
         return best, best_n
 
     def _share(self, req: _Request, donor: _Request, n: int) -> None:
-        """Copy `donor`'s keys/values of the first `n` prompt tokens into `req`'s row."""
-        self._store.copy_row(donor.slot, req.slot, n)
+        """Copy `donor`'s keys/values of the first `n` prompt tokens into `req`'s row. The copy
+        may first grow the store (as `_admit` reserved it): out of memory there is `req`'s own
+        failure (its `error`), as it would be in its prefill, not every running row's."""
+        try:
+            self._store.copy_row(donor.slot, req.slot, n)
+        except Exception as exc:
+            req.error = exc
+            return
         gained = n - len(req.ids)
         req.ids = req.prompt[:n]
         self.stats.prefill_tokens -= gained
@@ -420,7 +427,7 @@ class TransformersEngine:
             self._park(_Session(list(req.ids), self._store.read_row(slot, len(req.ids))))
         last = self._rows.pop()
         if last is not req:
-            self._store.copy_row(last.slot, slot, len(last.ids))
+            self._store.copy_row(last.slot, slot, len(last.ids), grow=False)
             last.slot = slot
             self._rows[slot] = last
         req.slot = -1

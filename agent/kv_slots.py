@@ -96,11 +96,12 @@ class SlotKV:
             self._kv[i] = have = (nk, nv)
         return have
 
-    def copy_row(self, src: int, dst: int, length: int) -> None:
-        """Row `src`'s first `length` columns into row `dst` (grown into first, as `reserve`d)."""
+    def copy_row(self, src: int, dst: int, length: int, grow: bool = True) -> None:
+        """Row `src`'s first `length` columns into row `dst` (grown into first, as `reserve`d,
+        unless not to `grow`: both rows exist already, and moving one allocates nothing)."""
         for i, kv in enumerate(self._kv):
             if kv is not None:
-                keys, values = self.layer(i, *kv)
+                keys, values = self.layer(i, *kv) if grow else kv
                 keys[dst, :, :length] = keys[src, :, :length]
                 values[dst, :, :length] = values[src, :, :length]
 

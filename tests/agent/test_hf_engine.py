@@ -457,6 +457,35 @@ def test_a_failing_prefill_fails_only_its_request(tiny_checkpoint):
     assert engine.running == 0
 
 
+def test_a_failing_prefix_copy_fails_only_the_request_that_shares(tiny_checkpoint):
+    """Guards against an error while copying a shared prefix (the copy may first grow the store:
+    out of memory on a GPU) escaping the step and failing every running request: only the
+    request that was to share the prefix fails; the others give what they give alone."""
+    tok = load_tokenizer(tiny_checkpoint, load_format(tiny_checkpoint))
+    engine = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_sessions=0)
+    head = [tok.bos_id] + tok.encode(
+        " question: Where was Gal Borin born? Who founded Ostland? Why?"
+    )
+    assert len(head) > 17  # the second call shares more than `_MIN_SHARE` (16) tokens of it
+    calls = [(head, 8), (head + tok.encode(" Drell"), 8), (tok.encode(" Tam Osker "), 8)]
+    alone = [generate(engine, ids, n) for ids, n in calls]
+    copy_row = engine._store.copy_row
+
+    def failing_copy(src, dst, length, grow=True):
+        if grow:  # sharing, not a row moving to a freed slot
+            raise RuntimeError("injected out of memory")
+        copy_row(src, dst, length, grow)
+
+    engine._store.copy_row = failing_copy
+    try:
+        together = asyncio.run(admitted_together(engine, calls))
+    finally:
+        engine._store.copy_row = copy_row
+    assert isinstance(together[1], RuntimeError)
+    assert [together[0], together[2]] == [alone[0], alone[2]]
+    assert engine.running == 0
+
+
 def test_a_failing_decode_step_leaves_waiting_requests_queued(tiny_checkpoint):
     """Guards against a decode error failing requests that were only waiting for a row: the
     running rows share the failed forward and fail; a request queued behind them still runs."""
