@@ -271,7 +271,9 @@ class TransformersEngine:
                 self._share(req, donor, n)
         later = _prefill_groups([req for req, _, _ in followers if req.error is None])
         sampled += [x for g in later for x in self._prefill_isolated(g)]
-        for req in admitted:
+        # last slot first: a failed row is then the last, and no row whose layers may not have
+        # grown to its slot (its prefill failed too) is moved into a freed one
+        for req in sorted(admitted, key=lambda r: r.slot, reverse=True):
             if req.error is not None:
                 self._fail(req, req.error)
         for req, logits in sampled:

@@ -236,10 +236,11 @@ def test_cancelled_request_frees_its_row_within_one_step_while_others_run(engine
     assert [chunks[-1].finish_reason is not None for chunks in rest] == [True, True]
 
 
-async def admitted_together(engine, calls, first=None):
+async def admitted_together(engine, calls, first=None, first_out=None):
     """Run `calls` ((prompt ids, max_tokens) pairs) so that one scheduler step admits them all:
     the scheduler is held inside a decode step of a long request (`first`'s ids, if given) until
-    all of them are queued. Returns each call's ids, or the exception it raised."""
+    all of them are queued. Returns each call's ids, or the exception it raised; the long
+    request's goes into the list `first_out`, if given."""
     held, hold = threading.Event(), threading.Event()
     step = engine._decode_step
 
@@ -265,7 +266,9 @@ async def admitted_together(engine, calls, first=None):
             await asyncio.sleep(0.001)
         hold.set()
         results = await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(long, return_exceptions=True)
+        [long_result] = await asyncio.gather(long, return_exceptions=True)
+        if first_out is not None:
+            first_out.append(long_result)
         return results
     finally:
         hold.set()
@@ -484,6 +487,34 @@ def test_a_failing_prefix_copy_fails_only_the_request_that_shares(tiny_checkpoin
     assert isinstance(together[1], RuntimeError)
     assert [together[0], together[2]] == [alone[0], alone[2]]
     assert engine.running == 0
+
+
+def test_admitted_requests_failing_together_leave_the_running_row_alone(tiny_checkpoint):
+    """Guards against failing several admitted requests in slot order: freeing the first moved
+    the last into its slot, though that row's keys/values were never grown to (its prefill had
+    failed too), and the IndexError failed the running request as well."""
+    tok = load_tokenizer(tiny_checkpoint, load_format(tiny_checkpoint))
+    engine = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_sessions=0)
+    first = tok.encode(" Who founded Ostland? ")
+    long_alone = generate(engine, first, 40)
+    marker = next(i for i in range(5, 1000) if i not in set(first))
+    # 1 running + 4 admitted rows: past the 4 rows the store first holds
+    calls = [([tok.bos_id] + tok.encode(f" Where was {n} born? ") + [marker], 4)
+             for n in ("Gal Borin", "Tam Osker", "Drell", "Ada Lind")]  # fmt: skip
+
+    def fail_on_marker(_, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and bool((ids == marker).any()):
+            raise RuntimeError("injected prefill fault")
+
+    hook = engine._decoder.register_forward_pre_hook(fail_on_marker, with_kwargs=True)
+    first_out: list = []
+    try:
+        together = asyncio.run(admitted_together(engine, calls, first, first_out))
+    finally:
+        hook.remove()
+    assert all(isinstance(r, RuntimeError) for r in together), together
+    assert first_out == [long_alone] and engine.running == 0
 
 
 def test_a_failing_decode_step_leaves_waiting_requests_queued(tiny_checkpoint):
