@@ -403,10 +403,11 @@ def read_manifest(index_dir: str | PathLike[str]) -> dict[str, Any]:
 
 def verify_index(index_dir: str | PathLike[str]) -> list[FileCheck] | None:
     """Every file the manifest records, checked against its size and full sha256 (slow: reads
-    the whole index); None for an index built before the digests were recorded."""
+    the whole index); None for an index built before the digests were recorded, or whose
+    manifest records none (every build writes files: an empty record is not a verified index)."""
     index_dir = Path(index_dir)
     records = read_manifest(index_dir).get("files")
-    return None if records is None else verify_files(index_dir, records)
+    return verify_files(index_dir, records) if records else None
 
 
 def built_from(index_dir: str | PathLike[str], corpus_path: str | PathLike[str]) -> bool:

@@ -235,7 +235,7 @@ def _index_verify(args: argparse.Namespace) -> None:
     if checks is None:
         print(
             f"searchagent: index verify: {args.index} records no file digests (built before they "
-            "were); nothing to verify: rebuild it to record them",
+            "were, or its record was emptied); nothing to verify: rebuild it to record them",
             file=sys.stderr,
         )
         raise SystemExit(1)
