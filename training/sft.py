@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from agent.checkpoint import AGENT_FILE, load_format, write_agent_json
+from agent.checkpoint import AGENT_FILE, checkpoint_eos_ids, load_format, write_agent_json
 from agent.events import Trajectory
 from agent.tags import DEFAULT, SPECIAL_TOKENS, TagFormat, get_format
 from agent.tokenizer import Tokenizer, read_chat_template
@@ -155,7 +155,12 @@ def _run_sft(cfg: SFTConfig, fmt: TagFormat) -> dict:
         save_tokenizer(tok, cfg.out, DEMO_CHAT_TEMPLATE if fmt.chat else None)
     elif cfg.init.resolve() != cfg.out.resolve():
         copy_tokenizer_files(cfg.init, cfg.out)
-    tokenizer = Tokenizer.from_dir(cfg.out, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
+    if cfg.init is None:
+        tokenizer = Tokenizer.from_dir(cfg.out, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
+    else:  # the checkpoint's, as `serve` loads it: a Qwen has neither <|eos|> nor <|bos|>
+        tokenizer = Tokenizer.from_dir(
+            cfg.out, fmt.eos, fmt.bos, extra_eos=checkpoint_eos_ids(cfg.init)
+        )
     # the trajectories' own: the format's BOS (or none) and EOS, as `serve` loads the checkpoint
     # (an EOS string the vocabulary lacks, like r1-searcher's Qwen one, falls back to ours)
     speaker = Tokenizer.from_dir(cfg.out, fmt.eos, fmt.bos, extra_eos=[tokenizer.eos_id])

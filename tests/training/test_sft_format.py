@@ -202,3 +202,27 @@ def test_a_search_r1_cold_start_oracle_speaks_through_a_chat_template(tmp_path):
     assert prompt.endswith("<|bos|> assistant:")
     assert said.count("<search> ") == 2 and said.count('<information>Doc 1(Title: "') == 2
     assert said.endswith(f"<answer> {question['answer']}</answer>")
+
+
+def test_sft_continues_a_qwen_style_release_in_r1_searcher_tags(tmp_path):
+    """Guards against `train sft --init <a Qwen release> --format r1-searcher` (the cold start
+    the R1-Searcher++ config starts from) failing before it trained: the run loaded the init's
+    tokenizer with our <|eos|> and <|bos|>, which a Qwen vocabulary lacks."""
+    from qwen_style import write_qwen_style, write_random_qwen2
+
+    from agent.tokenizer import Tokenizer
+    from training.sft import SFTConfig, run_sft
+    from training.world import WorldConfig
+
+    init = write_qwen_style(tmp_path / "qwen", None)
+    write_random_qwen2(init, Tokenizer.from_dir(init, eos_token="<|im_end|>").vocab_size)
+    out = tmp_path / "sft"
+    cfg = SFTConfig(
+        out=out, init=init, world_seeds=(7,), world=WorldConfig(**SMALL_WORLD), per_world=8,
+        steps=1, batch_size=4, format="r1-searcher",
+    )  # fmt: skip
+    report = run_sft(cfg)
+    assert report["trajectories"] > 0
+    assert load_format(out).name == "r1-searcher"
+    tok = load_tokenizer(out, load_format(out))
+    assert tok.eos_token == R1.eos and tok.bos_id is None
