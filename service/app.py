@@ -183,5 +183,10 @@ def build_engine(
     from agent.hf_engine import TransformersEngine  # torch only when the embedded engine runs
 
     assert settings.model is not None
-    local = TransformersEngine(settings.model, tokenizer, device=settings.device)
+    local = TransformersEngine(
+        settings.model,
+        tokenizer,
+        device=settings.device,
+        max_parked_tokens=settings.max_parked_tokens,
+    )
     return local, local.max_context

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     retrieval_timeout_s: float = Field(default=10.0, gt=0)
     deadline_s: float = Field(default=300.0, gt=0)  # a whole agent run
 
+    # the embedded engine's parked keys/values (finished rows kept for the next round of their
+    # conversation): tokens in all, least recently used evicted first; 0: none parked
+    max_parked_tokens: int = Field(default=65_536, ge=0)
+
     # cache: in-memory LRU of cache_size entries (0: no cache) unless a Redis URL is given
     cache_size: int = Field(default=10_000, ge=0)
     redis_url: str | None = None

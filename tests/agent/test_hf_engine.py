@@ -48,6 +48,36 @@ def test_continuation_prefills_only_the_new_tokens(engine):
     assert len(second) == 12
 
 
+def test_parked_sessions_stay_within_their_token_budget(tiny_checkpoint):
+    """Guards against parked keys/values growing with the number of conversations up to the
+    session count alone (32 runs of 8k tokens on a 7B: 15 GB): past `max_parked_tokens` the least
+    recently used session is evicted, and a run longer than the whole budget is not parked."""
+    tok = load_tokenizer(tiny_checkpoint, load_format(tiny_checkpoint))
+    a = [tok.bos_id] + tok.encode(" question: Where was Gal Borin born? ")
+    b = [tok.bos_id] + tok.encode(" question: Who founded Ostland? ")
+    budget = len(a) + len(b) + 12  # one finished run of either (prompt + 8 sampled), not both
+    engine = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_parked_tokens=budget)
+    first_a = generate(engine, a, 8)
+    generate(engine, b, 8)  # parking it evicts a's session
+    assert sum(len(s.ids) for s in engine._sessions.values()) <= budget
+    before = engine.stats.reused_tokens
+    generate(engine, a + first_a, 4)  # a's next round: only the shared BOS + " question:" reused
+    assert engine.stats.reused_tokens - before < len(a)
+
+    roomy = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_parked_tokens=None)
+    first_a = generate(roomy, a, 8)
+    generate(roomy, b, 8)
+    before = roomy.stats.reused_tokens
+    generate(roomy, a + first_a, 4)  # a's session was kept: its whole prefix reused
+    assert roomy.stats.reused_tokens - before == len(a) + len(first_a) - 1
+
+    tiny = TransformersEngine(tiny_checkpoint, tok, device="cpu", max_parked_tokens=len(a))
+    generate(tiny, a, 8)  # longer than the whole budget: not parked
+    assert not tiny._sessions
+    with pytest.raises(ValueError, match="max_parked_tokens"):
+        TransformersEngine(tiny_checkpoint, tok, device="cpu", max_parked_tokens=-1)
+
+
 def test_banned_ids_are_never_sampled(engine):
     """Guards against a ban that leaks (Retro-Search rolls out the path not taken by banning
     the token that took it): greedy picks the next-best token, sampling never draws a banned one."""
