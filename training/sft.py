@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from agent.checkpoint import AGENT_FILE, checkpoint_eos_ids, load_format, write_agent_json
+from agent.checkpoint import AGENT_FILE, load_format, load_tokenizer, write_agent_json
 from agent.events import Trajectory
 from agent.tags import DEFAULT, SPECIAL_TOKENS, TagFormat, get_format
 from agent.tokenizer import Tokenizer, read_chat_template
@@ -157,13 +157,11 @@ def _run_sft(cfg: SFTConfig, fmt: TagFormat) -> dict:
         copy_tokenizer_files(cfg.init, cfg.out)
     if cfg.init is None:
         tokenizer = Tokenizer.from_dir(cfg.out, eos_token=DEFAULT.eos, bos_token=DEFAULT.bos)
+        # the trajectories' own: the format's BOS (or none) and EOS, as `serve` will load the
+        # checkpoint (an EOS string the vocabulary lacks, like r1-searcher's Qwen one: ours)
+        speaker = Tokenizer.from_dir(cfg.out, fmt.eos, fmt.bos, extra_eos=[tokenizer.eos_id])
     else:  # the checkpoint's, as `serve` loads it: a Qwen has neither <|eos|> nor <|bos|>
-        tokenizer = Tokenizer.from_dir(
-            cfg.out, fmt.eos, fmt.bos, extra_eos=checkpoint_eos_ids(cfg.init)
-        )
-    # the trajectories' own: the format's BOS (or none) and EOS, as `serve` loads the checkpoint
-    # (an EOS string the vocabulary lacks, like r1-searcher's Qwen one, falls back to ours)
-    speaker = Tokenizer.from_dir(cfg.out, fmt.eos, fmt.bos, extra_eos=[tokenizer.eos_id])
+        tokenizer = speaker = load_tokenizer(cfg.init, fmt)
     # 3. oracle trajectories, or a distillation dataset -----------------------------------
     if cfg.data is not None:
         rows = read_distillation(cfg.data, tokenizer.vocab_size)
