@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from retrieval.integrity import file_sha256
+
 DEFAULT_MAX_LENGTH = 256  # all-MiniLM-L6-v2 was trained on 256-token inputs
 RUNTIMES = ("auto", "onnx", "torch")
 POOLINGS = ("mean", "cls")
@@ -100,8 +102,7 @@ def _file_sha256(file: Path) -> str:
     stat = file.stat()
     key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        with file.open("rb") as f:
-            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+        _DIGESTS[key] = file_sha256(file)
     return _DIGESTS[key]
 
 

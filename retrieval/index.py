@@ -43,7 +43,14 @@ from retrieval.batching import BatchingRetriever
 from retrieval.bm25 import BM25Retriever
 from retrieval.corpus import iter_corpus, read_corpus
 from retrieval.hybrid import HybridRetriever
-from retrieval.integrity import FileCheck, record_files, size_mismatch, valid_records, verify_files
+from retrieval.integrity import (
+    FileCheck,
+    file_sha256,
+    record_files,
+    size_mismatch,
+    valid_records,
+    verify_files,
+)
 from retrieval.outputs import staged_dir
 from retrieval.types import Retriever
 
@@ -417,8 +424,7 @@ def built_from(index_dir: str | PathLike[str], corpus_path: str | PathLike[str])
         recorded = read_manifest(index_dir)["corpus_sha256"]
     except IndexLoadError:
         return False
-    with open(corpus_path, "rb") as f:
-        return recorded == hashlib.file_digest(f, "sha256").hexdigest()
+    return recorded == file_sha256(Path(corpus_path))
 
 
 def fingerprint(index_dir: str | PathLike[str]) -> str:

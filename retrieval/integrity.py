@@ -32,7 +32,7 @@ def record_files(directory: Path, exclude: str) -> dict[str, dict[str, Any]]:
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         name = path.relative_to(directory).as_posix()
         if name != exclude:
-            records[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            records[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return records
 
 
@@ -74,7 +74,7 @@ def verify_files(directory: Path, records: dict[str, dict[str, Any]]) -> list[Fi
         if size != entry["size"]:
             problem = f"{size} bytes, recorded {entry['size']}"
             checks.append(FileCheck(name, size, False, problem))
-        elif (digest := _sha256(path)) != entry["sha256"]:
+        elif (digest := file_sha256(path)) != entry["sha256"]:
             problem = f"sha256 {digest[:12]}, recorded {entry['sha256'][:12]}"
             checks.append(FileCheck(name, size, False, problem))
         else:
@@ -82,6 +82,7 @@ def verify_files(directory: Path, records: dict[str, dict[str, Any]]) -> list[Fi
     return checks
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (`sha256sum` prints the same), read in chunks."""
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
