@@ -313,14 +313,15 @@ def test_a_fast_failure_in_flight_does_not_close_a_breaker_a_timeout_opened(redi
 
     async def main():
         cache = RedisCache(redis_server.url, f"test:{uuid.uuid4().hex}:", 0.3, cooldown_s=30)
-        release = asyncio.Event()
+        sent, release = asyncio.Event(), asyncio.Event()
 
         async def refused_late():
+            sent.set()
             await release.wait()
             raise redis.exceptions.ConnectionError("max number of clients reached")
 
         in_flight = asyncio.create_task(cache._guarded("MGET", refused_late))
-        await asyncio.sleep(0)  # it is past the breaker's check, waiting on its reply
+        await sent.wait()  # it is past the breaker's check, waiting on its reply
         os.kill(redis_server.proc.pid, signal.SIGSTOP)
         try:
             assert await cache.get_many(["a"]) == [None]  # timed out: the breaker opens
